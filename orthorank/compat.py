@@ -1,0 +1,172 @@
+"""Everything that depends on the installed transformers release or on an architecture's layout.
+
+The rest of the package talks to transformers only through this module: which architectures are
+supported, where the decoder layers live, how a layer's forward is replaced (also under
+accelerate's hooks), how keys/values are written to a cache and which attention kernel runs.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+import transformers
+
+logger = logging.getLogger(__name__)
+
+TRANSFORMERS_VERSION: str = transformers.__version__
+
+
+@dataclass(frozen=True)
+class ArchSpec:
+    """How one architecture's decoder layer is laid out.
+
+    Attributes:
+        qk_norm: the attention normalises q and k per head (``q_norm``/``k_norm``) before RoPE.
+    """
+
+    qk_norm: bool = False
+
+
+#: Supported ``config.model_type`` values. An architecture with the Llama decoder shape
+#: (input norm -> attention with q/k/v/o projections and RoPE -> residual -> post-attention norm
+#: -> MLP -> residual) is added with one line here.
+ARCHITECTURES: dict[str, ArchSpec] = {
+    "llama": ArchSpec(),
+    "mistral": ArchSpec(),
+}
+
+
+def supported_model_types() -> tuple[str, ...]:
+    return tuple(sorted(ARCHITECTURES))
+
+
+def base_model(model: nn.Module) -> nn.Module:
+    """The module that owns ``layers`` (``LlamaModel`` inside ``LlamaForCausalLM``)."""
+    for candidate in (model, getattr(model, "model", None)):
+        if candidate is not None and isinstance(getattr(candidate, "layers", None), nn.ModuleList):
+            return candidate
+    raise TypeError(f"{type(model).__name__} has no decoder layers at .layers or .model.layers")
+
+
+def arch_spec(model: nn.Module) -> ArchSpec:
+    """Return the spec of ``model``'s architecture or refuse it by name."""
+    config = getattr(model, "config", None)
+    model_type = getattr(config, "model_type", None)
+    if model_type not in ARCHITECTURES:
+        raise TypeError(
+            f"orthorank does not support {type(model).__name__} (model_type={model_type!r}); "
+            f"supported model types: {', '.join(supported_model_types())}"
+        )
+    return ARCHITECTURES[model_type]
+
+
+def decoder_layers(model: nn.Module) -> list[nn.Module]:
+    """The decoder layers the model's forward loop runs, in order."""
+    base = base_model(model)
+    return list(base.layers[: base.config.num_hidden_layers])
+
+
+# --- replacing a layer's forward on one instance ---------------------------------------------
+
+_ORIGINAL = "_orthorank_original_forward"
+
+
+def _forward_slot(layer: nn.Module) -> str:
+    # accelerate's hooks replace ``forward`` by a wrapper that calls ``_old_forward``; replacing
+    # ``_old_forward`` keeps its device moves / offload loading around our forward.
+    return "_old_forward" if hasattr(layer, "_hf_hook") and hasattr(layer, "_old_forward") else "forward"
+
+
+def install_forward(layer: nn.Module, forward: Callable[..., Any]) -> Callable[..., Any]:
+    """Make ``forward`` this instance's forward and return the one it replaces.
+
+    The class, the parameters and the state_dict stay untouched.
+    """
+    slot = _forward_slot(layer)
+    had_own = slot in layer.__dict__
+    previous = getattr(layer, slot)
+    setattr(layer, _ORIGINAL, (slot, had_own, layer.__dict__.get(slot)))
+    setattr(layer, slot, forward)
+    return previous
+
+
+def is_installed(layer: nn.Module) -> bool:
+    return _ORIGINAL in layer.__dict__
+
+
+def restore_forward(layer: nn.Module) -> None:
+    """Undo :func:`install_forward`."""
+    slot, had_own, previous = layer.__dict__.pop(_ORIGINAL)
+    if had_own:
+        setattr(layer, slot, previous)
+    else:
+        layer.__dict__.pop(slot, None)
+
+
+# --- per-forward inputs of the base model ----------------------------------------------------
+
+CACHE_KWARGS: tuple[str, ...] = ("cache", "past_key_values")
+
+
+def find_cache(kwargs: dict[str, Any]) -> Any:
+    """The cache object of a base-model or layer call (its keyword changed across releases)."""
+    for name in CACHE_KWARGS:
+        if kwargs.get(name) is not None:
+            return kwargs[name]
+    return None
+
+
+def past_length(cache: Any) -> int:
+    """Tokens already in ``cache`` (0 for ``None``); one host sync for caches that keep a tensor."""
+    if cache is None:
+        return 0
+    n = cache.get_seq_length()
+    return int(n)
+
+
+# --- attention internals ---------------------------------------------------------------------
+
+
+def attention_function(attn: nn.Module) -> tuple[Callable[..., Any], bool]:
+    """The kernel that runs a subset of queries against all keys with an explicit mask.
+
+    Returns ``(function, wants_float_mask)``. ``eager`` uses the model's own eager function (an
+    additive float mask); every other backend uses transformers' sdpa function with a boolean
+    mask, because flash-attention style kernels cannot express "these queries, those positions".
+    """
+    impl = getattr(attn.config, "_attn_implementation", None) or "eager"
+    if impl == "eager":
+        module = sys.modules[type(attn).__module__]
+        return module.eager_attention_forward, True
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    return sdpa_attention_forward, False
+
+
+def sliding_window(attn: nn.Module) -> int | None:
+    """The sliding window of this attention module, or ``None`` for full causal attention."""
+    if hasattr(attn, "sliding_window"):
+        return attn.sliding_window
+    config = attn.config
+    if getattr(config, "model_type", None) == "mistral":
+        return getattr(config, "sliding_window", None)
+    return None
+
+
+def update_cache(
+    cache: Any, key: torch.Tensor, value: torch.Tensor, layer_idx: int, layer_kwargs: dict[str, Any]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Write ``key``/``value`` ``[batch, kv_heads, seq, head_dim]`` through the model's own cache.
+
+    Returns the full keys/values of the layer (past and new), as the model's attention sees them.
+    """
+    cache_kwargs = {}
+    if layer_kwargs.get("cache_position") is not None:
+        cache_kwargs["cache_position"] = layer_kwargs["cache_position"]
+    return cache.update(key, value, layer_idx, cache_kwargs)

@@ -1,0 +1,77 @@
+"""Validated options of a patch: how tokens are scored and what decode steps do."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+#: How a selection layer ranks tokens. ``orthogonal`` is OrthoRank (smallest |cos| to the sink
+#: first); ``least_orthogonal`` is its reverse (an ablation); ``random`` is the control.
+SELECTORS: tuple[str, ...] = ("orthogonal", "least_orthogonal", "random")
+
+#: What a selection layer does with a forward pass that continues a cache (a decode step, or a
+#: chunk after the first): ``dense`` runs the original layer; ``bypass`` writes the new tokens'
+#: keys/values and passes their hidden states through unchanged.
+DECODE_POLICIES: tuple[str, ...] = ("dense", "bypass")
+
+#: Default fraction of a row's tokens that a selection layer updates (the paper keeps 1/3).
+DEFAULT_KEEP_RATIO: float = 1.0 / 3.0
+
+#: Default overall sparsity of ``orthorank.patch(model)``.
+DEFAULT_SPARSITY: float = 0.2
+
+
+def check_fraction(name: str, value: object, *, low_open: bool = False, high_open: bool = False) -> float:
+    """Return ``value`` as a float in [0, 1] (ends excluded on request) or raise a ValueError/TypeError."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a number, got {type(value).__name__}")
+    value = float(value)
+    lo = "(" if low_open else "["
+    hi = ")" if high_open else "]"
+    bad = (
+        not math.isfinite(value)
+        or value < 0.0
+        or value > 1.0
+        or (low_open and value == 0.0)
+        or (high_open and value == 1.0)
+    )
+    if bad:
+        raise ValueError(f"{name} must be in {lo}0, 1{hi}, got {value}")
+    return value
+
+
+def check_choice(name: str, value: object, allowed: tuple[str, ...]) -> str:
+    """Return ``value`` if it is one of ``allowed``, else raise a ValueError listing them."""
+    if value not in allowed:
+        raise ValueError(f"{name} must be one of {', '.join(map(repr, allowed))}; got {value!r}")
+    return value  # type: ignore[return-value]
+
+
+def tokens_to_keep(keep_ratio: float, n_tokens: int) -> int:
+    """Number of tokens a selection layer updates in a row of ``n_tokens`` real tokens.
+
+    ``ceil(keep_ratio * n_tokens)``, capped at ``n_tokens - 1`` because the sink (the row's first
+    real token) is never selected. Rounding up means a layer never updates fewer tokens than the
+    ratio asks for. A tiny tolerance absorbs float error (``0.1 * 30`` is ``3.0000000000000004``).
+    """
+    if n_tokens <= 1:
+        return 0
+    return min(n_tokens - 1, math.ceil(keep_ratio * n_tokens - 1e-9))
+
+
+@dataclass(frozen=True)
+class PatchOptions:
+    """Options of a patch that do not depend on the layer plan.
+
+    Attributes:
+        decode: one of :data:`DECODE_POLICIES`.
+        seed: seed of the ``random`` selector (each layer draws from its own generator).
+    """
+
+    decode: str = "dense"
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        check_choice("decode", self.decode, DECODE_POLICIES)
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+            raise TypeError(f"seed must be an int, got {type(self.seed).__name__}")

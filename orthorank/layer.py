@@ -1,0 +1,241 @@
+"""The selective decoder layer: the forward installed on each selection layer.
+
+In a selection layer every token's key and value are computed (RoPE at its true position) and
+written through the model's own cache; only the selected tokens run the query projection,
+attention over all keys, the output projection, the residual and the MLP. The others leave the
+layer unchanged. So, token by token, ``out == where(selected, dense_layer(x), x)``.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from . import compat
+from .config import tokens_to_keep
+from .scoring import Selection, select_padded, select_uniform, token_scores
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class ForwardState:
+    """What a patched model's forward tells its selection layers (computed once per forward).
+
+    Attributes:
+        batch, seq: shape of the hidden states this state belongs to.
+        mode: ``select`` (a pass that starts the sequence: select tokens), ``continue`` (the pass
+            continues a cache: decode policy), or ``dense`` (inputs the selector cannot read).
+        real: ``[batch, seq]`` bool, True for real tokens; ``None`` when there is no padding.
+        n_real: ``[batch]`` real tokens per row (``None`` without padding).
+        n_max: the largest row's real-token count (host int).
+        sink: ``[batch]`` column of each row's first real token (``None``: column 0).
+    """
+
+    batch: int
+    seq: int
+    mode: str
+    real: torch.Tensor | None = None
+    n_real: torch.Tensor | None = None
+    n_max: int = 0
+    sink: torch.Tensor | None = None
+
+    def matches(self, hidden_states: torch.Tensor) -> bool:
+        return hidden_states.shape[0] == self.batch and hidden_states.shape[1] == self.seq
+
+    def to(self, device: torch.device) -> "ForwardState":
+        """This state with its tensors on ``device`` (itself when they are there already)."""
+        if self.real is None or self.real.device == device:
+            return self
+        return ForwardState(
+            self.batch, self.seq, self.mode, self.real.to(device), self.n_real.to(device), self.n_max,
+            self.sink.to(device),
+        )
+
+
+class ForwardContext:
+    """Shared by all patched layers of one model; the base model's pre-hook sets ``state``."""
+
+    def __init__(self) -> None:
+        self.state: ForwardState | None = None
+
+
+@dataclass
+class LayerStats:
+    """Counters of one selection layer (from tensor shapes: no device sync).
+
+    ``tokens`` counts token positions that entered selective passes, ``updated`` the slots that
+    ran attention + MLP (for padded batches this includes discarded padding slots).
+    """
+
+    selective_calls: int = 0
+    other_calls: int = 0
+    tokens: int = 0
+    updated: int = 0
+
+
+# --- pieces of the attention, on an arbitrary subset of tokens ---------------------------------
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """RoPE on ``x`` ``[batch, heads, seq, head_dim]`` with ``cos``/``sin`` ``[batch, seq, head_dim]``."""
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return (x * cos) + (rotated * sin)
+
+
+def _heads(attn: nn.Module, proj: nn.Module, norm: nn.Module | None, x: torch.Tensor) -> torch.Tensor:
+    """``proj(x)`` split into heads, per-head norm if any: ``[batch, heads, seq, head_dim]``."""
+    y = proj(x).view(*x.shape[:2], -1, attn.head_dim)
+    if norm is not None:
+        y = norm(y)
+    return y.transpose(1, 2)
+
+
+def _gather(t: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """Rows of ``t`` ``[batch or 1, seq, dim]`` at ``index`` ``[batch, k]`` -> ``[batch, k, dim]``."""
+    if t.shape[0] != index.shape[0]:
+        t = t.expand(index.shape[0], -1, -1)
+    return t.gather(1, index.unsqueeze(-1).expand(-1, -1, t.shape[-1]))
+
+
+def selection_mask(
+    layer_mask: Any, index: torch.Tensor, seq: int, kv_len: int, real: torch.Tensor | None, window: int | None
+) -> torch.Tensor:
+    """Which keys each selected query may attend to: ``[batch, 1, k, kv_len]``.
+
+    When the model handed the layer a 4-D mask (``[batch or 1, 1, seq, kv_len]``, boolean or
+    additive float), its rows at the selected queries are used as they are: padding, sliding
+    window and anything else the model encoded stay exactly as in the dense layer. Otherwise (no
+    mask: plain causal; or a 2-D padding mask, as flash-attention receives) a boolean mask is built:
+    causal by column (the pass starts the sequence, so column = position), padding keys excluded,
+    ``query - key < window``; padding slots of a padded selection may see themselves so that no row
+    is empty (their results are discarded).
+    """
+    if isinstance(layer_mask, torch.Tensor) and layer_mask.dim() == 4 and layer_mask.shape[2] == seq:
+        rows = index[:, None, :, None].expand(-1, layer_mask.shape[1], -1, layer_mask.shape[3])
+        return layer_mask.expand(index.shape[0], -1, -1, -1).gather(2, rows)
+    key = torch.arange(kv_len, device=index.device)
+    query = index.unsqueeze(-1)
+    allowed = key <= query
+    if window is not None:
+        allowed &= (query - key) < window
+    if real is not None:
+        if real.shape[1] < kv_len:
+            real = nn.functional.pad(real, (0, kv_len - real.shape[1]), value=False)
+        allowed &= real.unsqueeze(1)
+        allowed |= key == query
+    return allowed.unsqueeze(1)
+
+
+class SelectiveForward:
+    """Forward of one selection layer (installed per instance by :func:`orthorank.patch`)."""
+
+    def __init__(
+        self,
+        layer: nn.Module,
+        keep_ratio: float,
+        selector: str,
+        decode: str,
+        context: ForwardContext,
+        spec: compat.ArchSpec,
+        generator: torch.Generator | None = None,
+    ) -> None:
+        self.layer = layer
+        self.attn = layer.self_attn
+        self.keep_ratio = keep_ratio
+        self.selector = selector
+        self.decode = decode
+        self.context = context
+        self.q_norm = getattr(self.attn, "q_norm", None) if spec.qk_norm else None
+        self.k_norm = getattr(self.attn, "k_norm", None) if spec.qk_norm else None
+        self.generator = generator
+        self.stats = LayerStats()
+        #: the forward this one replaced; set by :func:`compat.install_forward`'s caller
+        self.original: Callable[..., Any] = layer.forward
+
+    def __call__(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        state = self.context.state
+        usable = not args and state is not None and state.matches(hidden_states)
+        usable = usable and kwargs.get("position_embeddings") is not None
+        if usable and state.mode == "select":
+            return self.select(hidden_states, state.to(hidden_states.device), kwargs)
+        self.stats.other_calls += 1
+        if usable and state.mode == "continue" and self.decode == "bypass":
+            self._keys_values(self.layer.input_layernorm(hidden_states), kwargs)
+            return hidden_states
+        return self.original(hidden_states, *args, **kwargs)
+
+    def _keys_values(self, x: torch.Tensor, kwargs: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+        """K/V of all tokens of ``x`` ``[batch, seq, hidden]`` (normalised), written to the cache."""
+        cos, sin = kwargs["position_embeddings"]
+        attn = self.attn
+        key = _rotate(_heads(attn, attn.k_proj, self.k_norm, x), cos, sin)
+        value = _heads(attn, attn.v_proj, None, x)
+        cache = compat.find_cache(kwargs)
+        if cache is not None:
+            key, value = compat.update_cache(cache, key, value, attn.layer_idx, kwargs)
+        return key, value
+
+    def _choose(self, x: torch.Tensor, state: ForwardState) -> Selection | None:
+        scores = token_scores(x, state.sink, self.selector, self.generator)
+        if state.real is None:
+            k = tokens_to_keep(self.keep_ratio, state.seq)
+            return select_uniform(scores, k) if k > 0 else None
+        k = tokens_to_keep(self.keep_ratio, state.n_max)
+        if k == 0:
+            return None
+        n = state.n_real
+        keep = torch.minimum(n - 1, torch.ceil(self.keep_ratio * n - 1e-9).long()).clamp_min(0)
+        return select_padded(scores, state.real, state.sink, keep, k)
+
+    def select(self, hidden_states: torch.Tensor, state: ForwardState, kwargs: dict[str, Any]) -> torch.Tensor:
+        """``[batch, seq, hidden]`` -> ``[batch, seq, hidden]``, updating only the selected tokens."""
+        layer, attn = self.layer, self.attn
+        x = layer.input_layernorm(hidden_states)
+        key, value = self._keys_values(x, kwargs)
+        chosen = self._choose(x, state)
+        self.stats.selective_calls += 1
+        self.stats.tokens += hidden_states.shape[0] * hidden_states.shape[1]
+        if chosen is None:
+            return hidden_states
+        index = chosen.index
+        self.stats.updated += index.numel()
+
+        cos, sin = kwargs["position_embeddings"]
+        query = _rotate(_heads(attn, attn.q_proj, self.q_norm, _gather(x, index)), _gather(cos, index), _gather(sin, index))
+        mask = selection_mask(
+            kwargs.get("attention_mask"), index, state.seq, key.shape[2], state.real, compat.sliding_window(attn)
+        )
+        function, wants_float = compat.attention_function(attn)
+        if wants_float:
+            if mask.dtype == torch.bool:
+                mask = torch.zeros(mask.shape, dtype=query.dtype, device=mask.device).masked_fill_(
+                    ~mask, torch.finfo(query.dtype).min
+                )
+            out, _ = function(attn, query, key, value, mask, scaling=attn.scaling, dropout=0.0)
+        else:
+            out, _ = function(attn, query, key, value, mask, scaling=attn.scaling, dropout=0.0, is_causal=False)
+        residual = _gather(hidden_states, index)
+        h = residual + attn.o_proj(out.reshape(*index.shape, -1))
+        h = h + layer.mlp(layer.post_attention_layernorm(h))
+        if chosen.valid is not None:
+            h = torch.where(chosen.valid.unsqueeze(-1), h, residual)
+        return hidden_states.scatter(1, index.unsqueeze(-1).expand(-1, -1, h.shape[-1]), h)
+
+
+class RemovedForward:
+    """Forward of a removed layer (keep ratio 0): the identity, no cache write."""
+
+    def __init__(self, layer: nn.Module) -> None:
+        self.layer = layer
+        self.stats = LayerStats()
+
+    def __call__(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        self.stats.other_calls += 1
+        return hidden_states

@@ -1,0 +1,226 @@
+"""``patch`` / ``unpatch`` / ``patched``: install OrthoRank on one model instance, reversibly.
+
+Nothing global changes: the selected layers get a per-instance forward, and the base model gets a
+forward pre-hook that reads the attention mask and the cache once per forward (padding, sinks,
+whether the pass starts the sequence) for all selection layers. Parameters, buffers, the
+state_dict, the config and ``save_pretrained`` output are untouched.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from . import compat
+from .config import DEFAULT_KEEP_RATIO, DEFAULT_SPARSITY, PatchOptions, check_fraction
+from .layer import ForwardContext, ForwardState, LayerStats, RemovedForward, SelectiveForward
+from .plan import Plan, default_plan, layers_plan
+
+logger = logging.getLogger(__name__)
+
+_HANDLE = "_orthorank_patch"
+
+
+@dataclass
+class PatchHandle:
+    """What :func:`patch` installed on a model (kept on the base model instance)."""
+
+    plan: Plan
+    options: PatchOptions
+    context: ForwardContext
+    forwards: dict[int, SelectiveForward | RemovedForward] = field(default_factory=dict)
+    hook: Any = None
+
+
+def _read_inputs(args: tuple[Any, ...], kwargs: dict[str, Any]) -> ForwardState | None:
+    """Build the per-forward state from the base model's call arguments."""
+    ids = kwargs.get("input_ids", args[0] if args else None)
+    ref = ids if ids is not None else kwargs.get("inputs_embeds")
+    if ref is None:
+        return None
+    batch, seq = ref.shape[0], ref.shape[1]
+    cache = compat.find_cache(kwargs)
+    if cache is not None and (seq == 1 or compat.past_length(cache) > 0):
+        return ForwardState(batch, seq, "continue")
+    mask = kwargs.get("attention_mask", args[1] if len(args) > 1 else None)
+    if mask is None:
+        return ForwardState(batch, seq, "select", n_max=seq)
+    real = _real_tokens(mask, batch, seq)
+    if real is None:
+        logger.warning("orthorank: this attention mask cannot be read; selection layers run densely")
+        return ForwardState(batch, seq, "dense")
+    if bool(real.all()):
+        return ForwardState(batch, seq, "select", n_max=seq)
+    n_real = real.sum(dim=1)
+    sink = real.int().argmax(dim=1)
+    return ForwardState(batch, seq, "select", real=real, n_real=n_real, n_max=int(n_real.max()), sink=sink)
+
+
+def _real_tokens(mask: Any, batch: int, seq: int) -> torch.Tensor | None:
+    """``[batch, seq]`` bool of real tokens from a 2-D padding mask or a 4-D attention mask.
+
+    A 4-D mask (``[batch, 1, seq, kv]``, as ``generate`` builds for static caches) marks a token
+    as real when it may attend to itself (its diagonal entry), which padding tokens may not.
+    """
+    if not isinstance(mask, torch.Tensor):
+        return None
+    if mask.dim() == 2 and mask.shape == (batch, seq):
+        return mask.bool()
+    if mask.dim() == 4 and mask.shape[0] in (1, batch) and mask.shape[2] == seq and mask.shape[3] >= seq:
+        diag = mask[:, 0, :, :seq].diagonal(dim1=-2, dim2=-1).expand(batch, -1)
+        return diag if diag.dtype == torch.bool else diag > torch.finfo(diag.dtype).min / 2
+    return None
+
+
+def _generator(layer: nn.Module, seed: int) -> torch.Generator:
+    device = next(layer.parameters()).device
+    device = torch.device("cpu") if device.type == "meta" else device
+    return torch.Generator(device=device).manual_seed(seed)
+
+
+def _make_plan(
+    model: nn.Module,
+    sparsity: float | None,
+    layers: Sequence[int] | None,
+    keep_ratio: float,
+    plan: Plan | None,
+    selector: str,
+) -> Plan:
+    num_layers = len(compat.decoder_layers(model))
+    model_type = model.config.model_type
+    given = [name for name, v in (("sparsity", sparsity), ("layers", layers), ("plan", plan)) if v is not None]
+    if len(given) > 1:
+        raise ValueError(f"give one of sparsity, layers or plan; got {', '.join(given)}")
+    if plan is not None:
+        if not isinstance(plan, Plan):
+            raise TypeError(f"plan must be an orthorank.Plan, got {type(plan).__name__}")
+        plan.check_model(num_layers, model_type)
+        return plan
+    if layers is not None:
+        if isinstance(layers, (str, bytes)) or not isinstance(layers, Sequence):
+            raise TypeError("layers must be a sequence of layer indices, e.g. [12, 15, 18]")
+        return layers_plan(num_layers, list(layers), keep_ratio, selector=selector, model_type=model_type)
+    sparsity = DEFAULT_SPARSITY if sparsity is None else check_fraction("sparsity", sparsity, high_open=True)
+    if sparsity == 0.0:
+        return Plan((1.0,) * num_layers, selector=selector, model_type=model_type, method="dense")
+    return default_plan(num_layers, sparsity, keep_ratio, selector=selector, model_type=model_type)
+
+
+def patch(
+    model: nn.Module,
+    sparsity: float | None = None,
+    *,
+    layers: Sequence[int] | None = None,
+    keep_ratio: float = DEFAULT_KEEP_RATIO,
+    plan: Plan | None = None,
+    selector: str = "orthogonal",
+    decode: str = "dense",
+    seed: int = 0,
+) -> nn.Module:
+    """Install OrthoRank token selection on ``model`` (in place) and return it.
+
+    Give at most one of:
+        sparsity: overall fraction of per-layer token updates to skip, in [0, 1) (default 0.2);
+            the layers come from :func:`orthorank.default_plan`.
+        layers: explicit selection layers, each updating ``keep_ratio`` of the tokens.
+        plan: a :class:`orthorank.Plan` (e.g. from :func:`orthorank.calibrate`).
+
+    Args:
+        keep_ratio: fraction of each row's tokens a selection layer updates, in (0, 1).
+        selector: ``orthogonal`` (OrthoRank), ``least_orthogonal`` or ``random`` (controls).
+        decode: what selection layers do in decode steps: ``dense`` (default) or ``bypass``.
+        seed: seed of the ``random`` selector.
+
+    Patching a patched model replaces the previous patch. Undo with :func:`unpatch`.
+    """
+    spec = compat.arch_spec(model)
+    keep_ratio = check_fraction("keep_ratio", keep_ratio, low_open=True, high_open=True)
+    options = PatchOptions(decode=decode, seed=seed)
+    new_plan = _make_plan(model, sparsity, layers, keep_ratio, plan, selector)
+    if is_patched(model):
+        logger.info("orthorank: replacing the previous patch")
+        unpatch(model)
+
+    base = compat.base_model(model)
+    handle = PatchHandle(plan=new_plan, options=options, context=ForwardContext())
+    for i, layer in enumerate(compat.decoder_layers(model)):
+        ratio = new_plan.keep_ratios[i]
+        if ratio == 1.0:
+            continue
+        if ratio == 0.0:
+            forward: SelectiveForward | RemovedForward = RemovedForward(layer)
+        else:
+            generator = _generator(layer, seed + i) if new_plan.selector == "random" else None
+            forward = SelectiveForward(layer, ratio, new_plan.selector, decode, handle.context, spec, generator)
+        forward.original = compat.install_forward(layer, forward)
+        handle.forwards[i] = forward
+    if new_plan.selection_layers:
+        handle.hook = base.register_forward_pre_hook(_state_hook(handle.context), with_kwargs=True)
+    setattr(base, _HANDLE, handle)
+    logger.info("orthorank: %s", new_plan)
+    return model
+
+
+def _state_hook(context: ForwardContext) -> Any:
+    def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        context.state = _read_inputs(args, kwargs)
+
+    return hook
+
+
+def _handle(model: nn.Module) -> PatchHandle | None:
+    return getattr(compat.base_model(model), _HANDLE, None)
+
+
+def is_patched(model: nn.Module) -> bool:
+    """Whether :func:`patch` is installed on ``model``."""
+    return _handle(model) is not None
+
+
+def get_plan(model: nn.Module) -> Plan | None:
+    """The plan installed on ``model`` (``None`` if it is not patched)."""
+    handle = _handle(model)
+    return None if handle is None else handle.plan
+
+
+def layer_stats(model: nn.Module) -> dict[int, LayerStats]:
+    """Per patched layer: selective passes, other passes, tokens seen and tokens updated."""
+    handle = _handle(model)
+    return {} if handle is None else {i: f.stats for i, f in handle.forwards.items()}
+
+
+def unpatch(model: nn.Module) -> nn.Module:
+    """Restore the dense model exactly (a no-op on a model that is not patched)."""
+    base = compat.base_model(model)
+    handle: PatchHandle | None = getattr(base, _HANDLE, None)
+    if handle is None:
+        return model
+    layers = compat.decoder_layers(model)
+    for i in handle.forwards:
+        compat.restore_forward(layers[i])
+    if handle.hook is not None:
+        handle.hook.remove()
+    delattr(base, _HANDLE)
+    return model
+
+
+@contextlib.contextmanager
+def patched(model: nn.Module, sparsity: float | None = None, **kwargs: Any) -> Iterator[nn.Module]:
+    """``with orthorank.patched(model, sparsity=0.2): ...`` patches inside the block only.
+
+    On exit the model returns to what it was before: dense, or its previous patch.
+    """
+    previous = _handle(model)
+    patch(model, sparsity, **kwargs)
+    try:
+        yield model
+    finally:
+        unpatch(model)
+        if previous is not None:
+            patch(model, plan=previous.plan, decode=previous.options.decode, seed=previous.options.seed)

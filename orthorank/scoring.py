@@ -1,0 +1,103 @@
+"""Token scores and the choice of the tokens a selection layer updates.
+
+Everything here is vectorised over the batch: no Python loop over rows or tokens.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+#: Score of a token that must never be selected (the sink, padding).
+_BLOCKED = float("inf")
+
+
+def sink_cosine(x: torch.Tensor, sink: torch.Tensor | None) -> torch.Tensor:
+    """Cosine between every token and its row's sink, in float32.
+
+    Args:
+        x: normalised hidden states ``[batch, seq, hidden]``.
+        sink: index of each row's sink ``[batch]``, or ``None`` when it is column 0 of every row.
+
+    Returns:
+        ``[batch, seq]`` cosines in [-1, 1].
+    """
+    x = x.float()
+    s = x[:, 0] if sink is None else x[torch.arange(x.shape[0], device=x.device), sink]
+    dot = torch.einsum("bth,bh->bt", x, s)
+    norms = torch.linalg.vector_norm(x, dim=-1) * torch.linalg.vector_norm(s, dim=-1, keepdim=True)
+    return dot / norms.clamp_min(torch.finfo(torch.float32).tiny)
+
+
+def token_scores(
+    x: torch.Tensor, sink: torch.Tensor | None, selector: str, generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """Scores ``[batch, seq]``; a SMALLER score means a MORE important token.
+
+    ``orthogonal``: |cos(x_i, x_sink)| (OrthoRank); ``least_orthogonal``: -|cos|; ``random``:
+    uniform noise from ``generator``.
+    """
+    if selector == "random":
+        return torch.rand(x.shape[:2], generator=generator, device=x.device)
+    score = sink_cosine(x, sink).abs()
+    return -score if selector == "least_orthogonal" else score
+
+
+@dataclass
+class Selection:
+    """Tokens a selection layer updates, in their original order.
+
+    Attributes:
+        index: ``[batch, k]`` column indices, ascending within each row's real picks.
+        valid: ``[batch, k]`` bool, or ``None`` when every slot is a real pick. A batch whose rows
+            keep different numbers of tokens is padded to the longest row with distinct padding
+            columns; their results are discarded.
+    """
+
+    index: torch.Tensor
+    valid: torch.Tensor | None
+
+    @property
+    def k(self) -> int:
+        return self.index.shape[1]
+
+
+def select_uniform(scores: torch.Tensor, k: int) -> Selection:
+    """Rows without padding: the ``k`` lowest scores of each row, sink (column 0) excluded.
+
+    Args:
+        scores: ``[batch, seq]``, modified in place at column 0.
+    """
+    scores[:, 0] = _BLOCKED
+    index = torch.topk(scores, k, dim=1, largest=False, sorted=False).indices
+    return Selection(index=index.sort(dim=1).values, valid=None)
+
+
+def select_padded(
+    scores: torch.Tensor, real: torch.Tensor, sink: torch.Tensor, keep: torch.Tensor, k: int
+) -> Selection:
+    """Rows with padding: row ``b`` keeps its ``keep[b]`` lowest-scoring real, non-sink tokens.
+
+    Args:
+        scores: ``[batch, seq]`` scores (modified in place).
+        real: ``[batch, seq]`` bool, True for real (non-padding) tokens.
+        sink: ``[batch]`` column of each row's sink.
+        keep: ``[batch]`` number of tokens to keep per row (each at most the row's real tokens - 1).
+        k: ``keep.max()``, known on the host (no device sync here).
+    """
+    batch, seq = scores.shape
+    rows = torch.arange(batch, device=scores.device)
+    candidate = real.clone()
+    candidate[rows, sink] = False
+    scores.masked_fill_(~candidate, _BLOCKED)
+    # rank of each column among its row's scores (a stable sort makes ties deterministic)
+    order = scores.argsort(dim=1, stable=True)
+    rank = torch.empty_like(order)
+    rank.scatter_(1, order, torch.arange(seq, device=scores.device).expand(batch, seq))
+    picked = candidate & (rank < keep[:, None])
+    # picked columns first (in column order), then padding columns (discarded slots), then the rest
+    group = torch.where(picked, 0, torch.where(real, 2, 1))
+    index = (group * seq + torch.arange(seq, device=scores.device)).argsort(dim=1)[:, :k]
+    valid = torch.arange(k, device=scores.device)[None, :] < keep[:, None]
+    return Selection(index=index, valid=valid)

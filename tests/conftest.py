@@ -1,0 +1,73 @@
+"""Tiny randomly initialised models built in-process, shared by the tests."""
+
+from __future__ import annotations
+
+import inspect
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM
+
+VOCAB = 97
+
+
+def tiny_model(arch: str = "llama", attn: str = "sdpa", layers: int = 6, seed: int = 0, **overrides) -> torch.nn.Module:
+    """A float32 model with 4 query heads / 2 key-value heads, hidden size 64."""
+    common = dict(
+        vocab_size=VOCAB,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
+    common.update(overrides)
+    torch.manual_seed(seed)
+    if arch == "llama":
+        model = LlamaForCausalLM(LlamaConfig(**common))
+    elif arch == "mistral":
+        common.setdefault("sliding_window", 8)
+        model = MistralForCausalLM(MistralConfig(**common))
+    else:
+        raise ValueError(arch)
+    model.config._attn_implementation = attn
+    return model.eval()
+
+
+def cache_kwarg(layer: torch.nn.Module) -> str:
+    """Name of the cache keyword of a decoder layer's forward in the installed release."""
+    params = inspect.signature(type(layer).forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
+
+
+def left_padded_batch(lengths: list[int], seq: int, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """``input_ids`` and ``attention_mask`` ``[len(lengths), seq]`` with left padding."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, VOCAB, (len(lengths), seq), generator=g)
+    mask = torch.zeros(len(lengths), seq, dtype=torch.long)
+    for row, n in enumerate(lengths):
+        mask[row, seq - n :] = 1
+    ids[mask == 0] = 0
+    return ids, mask
+
+
+@pytest.fixture(autouse=True)
+def _threads() -> None:
+    torch.set_num_threads(2)
+
+
+def tiny_tokenizer():
+    """A word-level fast tokenizer over VOCAB ids: "<pad>", "<s>", "</s>", "w3" ... "w96"."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, **{f"w{i}": i for i in range(3, VOCAB)}}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="w3"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>", padding_side="left"
+    )
