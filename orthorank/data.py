@@ -78,6 +78,7 @@ def _build_default_checkpoint(target: Path) -> None:
     logger.info("building %s checkpoint from %s into %s (once)", DEFAULT_MODEL, gguf_path, target)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+    tmp.chmod(0o755)
     try:
         model = AutoModelForCausalLM.from_pretrained(
             str(gguf_path.parent),
@@ -117,17 +118,18 @@ def default_model_dir(cache_dir: str | Path | None = None) -> Path:
     return target
 
 
-def _mistral_from_llama(llama: PreTrainedModel, attn_implementation: str) -> PreTrainedModel:
-    """Copy a (bias-free) Llama model into the equivalent Mistral architecture.
+def mistral_config_from_llama(llama_config: Any) -> Any:
+    """The Mistral configuration that computes exactly what a (bias-free) Llama configuration does.
 
-    With ``sliding_window=None`` and tied embeddings, Mistral computes exactly what Llama does.
+    ``sliding_window=None`` (full attention) and tied embeddings; the checkpoint's weight names are
+    shared by both architectures, so a Llama checkpoint loads into it unchanged.
     """
-    from transformers import MistralConfig, MistralForCausalLM
+    from transformers import MistralConfig
 
-    lc = llama.config
+    lc = llama_config
     if getattr(lc, "attention_bias", False) or getattr(lc, "mlp_bias", False):
         raise ValueError("a Llama model with biases has no Mistral equivalent")
-    config = MistralConfig(
+    return MistralConfig(
         vocab_size=lc.vocab_size,
         hidden_size=lc.hidden_size,
         intermediate_size=lc.intermediate_size,
@@ -147,11 +149,6 @@ def _mistral_from_llama(llama: PreTrainedModel, attn_implementation: str) -> Pre
         sliding_window=None,
         attention_dropout=lc.attention_dropout,
     )
-    config._attn_implementation = attn_implementation
-    model = MistralForCausalLM(config).to(llama.dtype)
-    model.load_state_dict(llama.state_dict(), strict=True)
-    model.tie_weights()
-    return model
 
 
 def load_model(
@@ -186,10 +183,16 @@ def load_model(
     if not embedded and arch != "llama":
         raise ValueError(f"arch={arch!r} applies only to the embedded model {DEFAULT_MODEL!r}")
     source = str(default_model_dir()) if embedded else str(name_or_path)
-    model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, attn_implementation=attn_implementation)
-    tokenizer = AutoTokenizer.from_pretrained(source)
     if embedded and arch == "mistral":
-        model = _mistral_from_llama(model, attn_implementation)
+        from transformers import AutoConfig, MistralForCausalLM
+
+        config = mistral_config_from_llama(AutoConfig.from_pretrained(source))
+        model = MistralForCausalLM.from_pretrained(
+            source, config=config, dtype=dtype, attn_implementation=attn_implementation
+        )
+    else:
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, attn_implementation=attn_implementation)
+    tokenizer = AutoTokenizer.from_pretrained(source)
     model.eval()
     return model, tokenizer
 

@@ -1,0 +1,107 @@
+"""Command line: ``python -m orthorank.analysis --model ... --text ...``.
+
+Writes ``sink_profile.png``, ``saturation.png`` and ``summary.json`` to ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from .. import data
+from .plots import plot_saturation_profile, plot_sink_profile
+from .saturation import saturation_profile
+from .sink import sink_profile
+
+logger = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def _ratio(value: str) -> float:
+    try:
+        number = float(value)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(f"not a number: {value!r}") from err
+    if not 0.0 < number <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {number}")
+    return number
+
+
+def _positive(value: str) -> int:
+    try:
+        number = int(value)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(f"not an integer: {value!r}") from err
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {number}")
+    return number
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of ``python -m orthorank.analysis``."""
+    p = argparse.ArgumentParser(
+        prog="python -m orthorank.analysis",
+        description="Sink phenomenon and ordered top-k saturation of a causal LM: figures and a JSON summary.",
+    )
+    p.add_argument("--model", default=None, help=f"Hub id or local folder (default: embedded {data.DEFAULT_MODEL})")
+    p.add_argument("--arch", default="llama", choices=data.ARCHS, help="architecture of the embedded model")
+    p.add_argument("--text", default=None, help="a .txt/.json/.jsonl file (default: the wiki eval split)")
+    p.add_argument("--n-texts", type=_positive, default=32, help="rows analysed (texts, or windows with --pack)")
+    p.add_argument("--max-tokens", type=_positive, default=512, help="tokens per row at most")
+    p.add_argument("--pack", action="store_true", help="concatenate texts into full windows of --max-tokens")
+    p.add_argument("--keep-ratio", type=_ratio, default=1 / 3, help="fraction of tokens a selection keeps")
+    p.add_argument("--top-k", type=_positive, default=5, help="ranks followed for saturation")
+    p.add_argument("--batch-size", type=_positive, default=4)
+    p.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
+    p.add_argument("--no-attention", action="store_true", help="skip the eager pass for the sink attention share")
+    p.add_argument("--no-saturation", action="store_true", help="skip the logit-lens saturation analysis")
+    p.add_argument("--out", default="results/analysis", help="output folder")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    return p
+
+
+def load_rows(args: argparse.Namespace, tokenizer) -> list[str] | torch.Tensor:
+    """The texts (or packed token windows) the command analyses."""
+    texts = data.read_texts(args.text) if args.text else data.wiki_texts("eval")
+    if args.pack:
+        return data.token_windows(tokenizer, texts, window=args.max_tokens, n_windows=args.n_texts)
+    return texts[: args.n_texts]
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the analyses and write the figures and ``summary.json``; returns the exit status."""
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    model, tokenizer = data.load_model(args.model, arch=args.arch, dtype=DTYPES[args.dtype])
+    rows = load_rows(args, tokenizer)
+    name = args.model or f"{data.DEFAULT_MODEL} ({args.arch})"
+    common = dict(max_tokens=args.max_tokens, batch_size=args.batch_size, progress=not args.quiet)
+    summary: dict = {"model": name, "settings": {k: v for k, v in vars(args).items() if k not in ("quiet",)}}
+
+    start = time.perf_counter()
+    sink = sink_profile(model, tokenizer, rows, keep_ratio=args.keep_ratio, attention=not args.no_attention, **common)
+    sink.meta["model"] = name
+    plot_sink_profile(sink, out / "sink_profile.png")
+    summary["sink"] = sink.to_dict()
+    if not args.no_saturation:
+        sat = saturation_profile(model, tokenizer, rows, top_k=args.top_k, **common)
+        sat.meta["model"] = name
+        plot_saturation_profile(sat, out / "saturation.png")
+        summary["saturation"] = sat.to_dict()
+    summary["seconds"] = round(time.perf_counter() - start, 1)
+    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+    logger.info("wrote %s", out / "summary.json")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,130 @@
+"""Turning texts into padded batches, and finding the parts of a decoder model the analyses hook.
+
+Rows are right-padded: every real token keeps its natural position (0, 1, 2, ...), the first
+column is each row's sink, and a causal model never lets a real token see padding.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Iterator, Sequence
+
+import torch
+from torch import nn
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class Batch:
+    """One padded batch.
+
+    Attributes:
+        input_ids: ``[batch, seq]`` token ids (padding columns hold the pad id).
+        attention_mask: ``[batch, seq]`` long, 1 for real tokens, 0 for padding.
+    """
+
+    input_ids: torch.LongTensor
+    attention_mask: torch.LongTensor
+
+
+def encode_texts(tokenizer, texts: Sequence[str], max_tokens: int) -> list[list[int]]:
+    """Tokenize each text (no special tokens) and keep its first ``max_tokens`` tokens.
+
+    Texts that give fewer than two tokens (a sink and nothing else) are dropped.
+    """
+    if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 2:
+        raise ValueError(f"max_tokens must be an int >= 2, got {max_tokens!r}")
+    if isinstance(texts, str):
+        raise TypeError("texts must be a sequence of strings, not a single string")
+    rows = []
+    for text in texts:
+        if not isinstance(text, str):
+            raise TypeError(f"texts must contain strings, got {type(text).__name__}")
+        ids = list(tokenizer(text, add_special_tokens=False)["input_ids"])[:max_tokens]
+        if len(ids) >= 2:
+            rows.append(ids)
+    if not rows:
+        raise ValueError("no text gives at least two tokens")
+    return rows
+
+
+def make_batches(
+    inputs: Sequence[str] | torch.Tensor,
+    tokenizer=None,
+    *,
+    max_tokens: int = 512,
+    batch_size: int = 4,
+) -> list[Batch]:
+    """Build right-padded batches from texts or from a token tensor.
+
+    Args:
+        inputs: a sequence of texts (one row each, truncated to ``max_tokens``) or a LongTensor
+            ``[n, seq]`` of token rows used as they are (no padding).
+        tokenizer: needed for texts; its ``pad_token_id`` (else 0) fills padding.
+        max_tokens: longest row kept from a text.
+        batch_size: rows per batch.
+
+    Returns:
+        Batches ``[<=batch_size, seq]`` in input order.
+    """
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+    if isinstance(inputs, torch.Tensor):
+        if inputs.dim() != 2 or inputs.dtype != torch.long or inputs.shape[1] < 2:
+            raise ValueError("a token tensor must be a LongTensor [n, seq] with seq >= 2")
+        return [
+            Batch(chunk, torch.ones_like(chunk)) for chunk in inputs.split(batch_size, dim=0)
+        ]
+    if tokenizer is None:
+        raise ValueError("a tokenizer is needed to analyse texts")
+    rows = encode_texts(tokenizer, inputs, max_tokens)
+    pad_id = getattr(tokenizer, "pad_token_id", None)
+    pad_id = 0 if pad_id is None else int(pad_id)
+    batches = []
+    for start in range(0, len(rows), batch_size):
+        chunk = rows[start : start + batch_size]
+        width = max(len(r) for r in chunk)
+        ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
+        mask = torch.zeros((len(chunk), width), dtype=torch.long)
+        for i, r in enumerate(chunk):
+            ids[i, : len(r)] = torch.tensor(r, dtype=torch.long)
+            mask[i, : len(r)] = 1
+        batches.append(Batch(ids, mask))
+    return batches
+
+
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    """The decoder layers of a Llama-style causal LM (``model.model.layers``)."""
+    inner = getattr(model, "model", None)
+    layers = getattr(inner, "layers", None)
+    if not isinstance(layers, nn.ModuleList) or len(layers) == 0:
+        raise TypeError(
+            f"{type(model).__name__} is not a supported decoder model: expected model.model.layers "
+            "(Llama, Mistral and similar architectures)"
+        )
+    return layers
+
+
+def final_norm_and_head(model: nn.Module) -> tuple[nn.Module, nn.Module]:
+    """The final normalization (``model.model.norm``) and the unembedding (``lm_head``)."""
+    norm = getattr(getattr(model, "model", None), "norm", None)
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if norm is None or head is None:
+        raise TypeError(f"{type(model).__name__} has no model.model.norm / output embeddings for the logit lens")
+    return norm, head
+
+
+def iter_progress(items: Sequence, desc: str, enabled: bool) -> Iterator:
+    """``items`` wrapped in a tqdm bar when ``enabled`` (tqdm is imported only then)."""
+    if not enabled:
+        return iter(items)
+    from tqdm.auto import tqdm
+
+    return iter(tqdm(items, desc=desc, unit="batch"))
+
+
+def model_device(model: nn.Module) -> torch.device:
+    """Device of the model's first parameter."""
+    return next(model.parameters()).device
