@@ -1,0 +1,144 @@
+"""Quality metrics of a (possibly patched) causal LM: perplexity, cloze, generation, passkey.
+
+Every function runs the model as it is (patched or not) under ``torch.inference_mode``.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from .tasks import ClozeItem, PasskeyItem, encode_cloze, passkey_correct
+
+logger = logging.getLogger(__name__)
+
+
+def _check_ids(ids: Any, name: str = "ids") -> torch.Tensor:
+    if not isinstance(ids, torch.Tensor) or ids.dim() != 2 or ids.dtype != torch.long:
+        raise TypeError(f"{name} must be a LongTensor [n, seq]")
+    if ids.shape[1] < 2:
+        raise ValueError(f"{name} needs at least 2 tokens per row, got {ids.shape[1]}")
+    return ids
+
+
+def _check_batch_size(batch_size: int) -> int:
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+    return batch_size
+
+
+def _device(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+def perplexity(model: nn.Module, ids: torch.Tensor, batch_size: int = 1) -> float:
+    """Perplexity of ``model`` on windows ``ids`` ``[n, seq]`` (:func:`orthorank.metrics.perplexity`)."""
+    from ..metrics import perplexity as library_perplexity
+
+    return float(library_perplexity(model, ids, batch_size=batch_size))
+
+
+def _hidden_and_head(model: nn.Module) -> tuple[nn.Module, nn.Module]:
+    base = getattr(model, "base_model", None)
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if base is None or base is model or head is None:
+        raise TypeError("model must be a causal LM with a base model and an output embedding (lm_head)")
+    return base, head
+
+
+@torch.inference_mode()
+def cloze_accuracy(
+    model: nn.Module,
+    tokenizer: Any,
+    items: Sequence[ClozeItem],
+    *,
+    batch_size: int = 8,
+    max_context_tokens: int | None = 256,
+) -> float:
+    """Share of items whose target word the model predicts exactly (greedy, teacher-forced).
+
+    Rows are right-padded (so positions are unchanged) with an attention mask; only the hidden
+    states at the target positions go through the output layer.
+    """
+    if not items:
+        raise ValueError("items is empty")
+    batch_size = _check_batch_size(batch_size)
+    base, head = _hidden_and_head(model)
+    device = _device(model)
+    encoded = sorted((encode_cloze(tokenizer, item, max_context_tokens) for item in items), key=lambda e: len(e[0]))
+    correct = 0
+    for start in range(0, len(encoded), batch_size):
+        group = encoded[start : start + batch_size]
+        width = max(len(ids) for ids, _ in group)
+        ids = torch.zeros(len(group), width, dtype=torch.long)
+        mask = torch.zeros(len(group), width, dtype=torch.long)
+        for row, (seq, _) in enumerate(group):
+            ids[row, : len(seq)] = torch.tensor(seq)
+            mask[row, : len(seq)] = 1
+        hidden = base(input_ids=ids.to(device), attention_mask=mask.to(device)).last_hidden_state
+        for row, (seq, n_target) in enumerate(group):
+            # position t predicts token t + 1: the targets sit at len-n_target .. len-1
+            positions = torch.arange(len(seq) - n_target - 1, len(seq) - 1, device=device)
+            predicted = head(hidden[row, positions]).argmax(dim=-1).cpu()
+            correct += int(torch.equal(predicted, torch.tensor(seq[-n_target:])))
+    return correct / len(encoded)
+
+
+def _pad_id(model: nn.Module, tokenizer: Any | None) -> int:
+    for source in (getattr(tokenizer, "pad_token_id", None), getattr(tokenizer, "eos_token_id", None),
+                   getattr(model.config, "pad_token_id", None), getattr(model.config, "eos_token_id", None)):
+        if isinstance(source, int):
+            return source
+    return 0
+
+
+@torch.inference_mode()
+def greedy_continuations(
+    model: nn.Module, prompts: torch.Tensor, new_tokens: int, *, batch_size: int = 8, tokenizer: Any | None = None
+) -> torch.Tensor:
+    """Greedy continuations of exactly ``new_tokens`` tokens (end-of-text suppressed).
+
+    Args:
+        prompts: LongTensor ``[n, prompt_len]`` (equal-length prompts, no padding).
+
+    Returns:
+        LongTensor ``[n, new_tokens]`` on the CPU.
+    """
+    prompts = _check_ids(prompts, "prompts")
+    batch_size = _check_batch_size(batch_size)
+    outputs = []
+    for start in range(0, prompts.shape[0], batch_size):
+        chunk = prompts[start : start + batch_size].to(_device(model))
+        out = model.generate(
+            input_ids=chunk,
+            attention_mask=torch.ones_like(chunk),
+            do_sample=False,
+            max_new_tokens=new_tokens,
+            min_new_tokens=new_tokens,
+            pad_token_id=_pad_id(model, tokenizer),
+        )
+        outputs.append(out[:, chunk.shape[1] :].cpu())
+    return torch.cat(outputs)
+
+
+@torch.inference_mode()
+def passkey_results(model: nn.Module, tokenizer: Any, items: Sequence[PasskeyItem], *, new_tokens: int = 8) -> list[bool]:
+    """Whether the model retrieves each item's key (greedy generation, one prompt at a time)."""
+    device = _device(model)
+    results = []
+    for item in items:
+        ids = torch.tensor([item.input_ids], dtype=torch.long, device=device)
+        out = model.generate(
+            input_ids=ids,
+            attention_mask=torch.ones_like(ids),
+            do_sample=False,
+            max_new_tokens=new_tokens,
+            pad_token_id=_pad_id(model, tokenizer),
+        )
+        text = tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
+        results.append(passkey_correct(text, item.key))
+    return results
