@@ -65,13 +65,18 @@ class PatchOptions:
 
     Attributes:
         decode: one of :data:`DECODE_POLICIES`.
+        keep_last: the last real token of each row is always selected (within the keep budget):
+            its output is the next-token prediction that ``generate`` reads.
         seed: seed of the ``random`` selector (each layer draws from its own generator).
     """
 
     decode: str = "dense"
+    keep_last: bool = True
     seed: int = 0
 
     def __post_init__(self) -> None:
         check_choice("decode", self.decode, DECODE_POLICIES)
+        if not isinstance(self.keep_last, bool):
+            raise TypeError(f"keep_last must be True or False, got {self.keep_last!r}")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise TypeError(f"seed must be an int, got {type(self.seed).__name__}")

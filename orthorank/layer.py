@@ -34,6 +34,7 @@ class ForwardState:
         n_real: ``[batch]`` real tokens per row (``None`` without padding).
         n_max: the largest row's real-token count (host int).
         sink: ``[batch]`` column of each row's first real token (``None``: column 0).
+        last: ``[batch]`` column of each row's last real token (``None``: column ``seq - 1``).
     """
 
     batch: int
@@ -43,6 +44,7 @@ class ForwardState:
     n_real: torch.Tensor | None = None
     n_max: int = 0
     sink: torch.Tensor | None = None
+    last: torch.Tensor | None = None
 
     def matches(self, hidden_states: torch.Tensor) -> bool:
         return hidden_states.shape[0] == self.batch and hidden_states.shape[1] == self.seq
@@ -53,7 +55,7 @@ class ForwardState:
             return self
         return ForwardState(
             self.batch, self.seq, self.mode, self.real.to(device), self.n_real.to(device), self.n_max,
-            self.sink.to(device),
+            self.sink.to(device), self.last.to(device),
         )
 
 
@@ -104,10 +106,15 @@ def _gather(t: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     return t.gather(1, index.unsqueeze(-1).expand(-1, -1, t.shape[-1]))
 
 
+#: Selected queries are attended in chunks of this many; each chunk reads only the keys up to its
+#: last position, which recovers most of what a causal kernel skips (and bounds the mask's size).
+QUERY_CHUNK = 256
+
+
 def selection_mask(
     layer_mask: Any, index: torch.Tensor, seq: int, kv_len: int, real: torch.Tensor | None, window: int | None
 ) -> torch.Tensor:
-    """Which keys each selected query may attend to: ``[batch, 1, k, kv_len]``.
+    """Which of the first ``kv_len`` keys each selected query may attend to: ``[batch, 1, k, kv_len]``.
 
     When the model handed the layer a 4-D mask (``[batch or 1, 1, seq, kv_len]``, boolean or
     additive float), its rows at the selected queries are used as they are: padding, sliding
@@ -118,8 +125,8 @@ def selection_mask(
     is empty (their results are discarded).
     """
     if isinstance(layer_mask, torch.Tensor) and layer_mask.dim() == 4 and layer_mask.shape[2] == seq:
-        rows = index[:, None, :, None].expand(-1, layer_mask.shape[1], -1, layer_mask.shape[3])
-        return layer_mask.expand(index.shape[0], -1, -1, -1).gather(2, rows)
+        layer_mask = layer_mask[..., :kv_len].expand(index.shape[0], -1, -1, -1)
+        return layer_mask.gather(2, index[:, None, :, None].expand(-1, layer_mask.shape[1], -1, kv_len))
     key = torch.arange(kv_len, device=index.device)
     query = index.unsqueeze(-1)
     allowed = key <= query
@@ -142,6 +149,7 @@ class SelectiveForward:
         keep_ratio: float,
         selector: str,
         decode: str,
+        keep_last: bool,
         context: ForwardContext,
         spec: compat.ArchSpec,
         generator: torch.Generator | None = None,
@@ -151,6 +159,7 @@ class SelectiveForward:
         self.keep_ratio = keep_ratio
         self.selector = selector
         self.decode = decode
+        self.keep_last = keep_last
         self.context = context
         self.q_norm = getattr(self.attn, "q_norm", None) if spec.qk_norm else None
         self.k_norm = getattr(self.attn, "k_norm", None) if spec.qk_norm else None
@@ -184,6 +193,11 @@ class SelectiveForward:
 
     def _choose(self, x: torch.Tensor, state: ForwardState) -> Selection | None:
         scores = token_scores(x, state.sink, self.selector, self.generator)
+        if self.keep_last:
+            if state.last is None:
+                scores[:, -1] = -torch.inf
+            else:
+                scores.scatter_(1, state.last.unsqueeze(1), -torch.inf)
         if state.real is None:
             k = tokens_to_keep(self.keep_ratio, state.seq)
             return select_uniform(scores, k) if k > 0 else None
@@ -209,24 +223,57 @@ class SelectiveForward:
 
         cos, sin = kwargs["position_embeddings"]
         query = _rotate(_heads(attn, attn.q_proj, self.q_norm, _gather(x, index)), _gather(cos, index), _gather(sin, index))
-        mask = selection_mask(
-            kwargs.get("attention_mask"), index, state.seq, key.shape[2], state.real, compat.sliding_window(attn)
-        )
-        function, wants_float = compat.attention_function(attn)
-        if wants_float:
-            if mask.dtype == torch.bool:
-                mask = torch.zeros(mask.shape, dtype=query.dtype, device=mask.device).masked_fill_(
-                    ~mask, torch.finfo(query.dtype).min
-                )
-            out, _ = function(attn, query, key, value, mask, scaling=attn.scaling, dropout=0.0)
-        else:
-            out, _ = function(attn, query, key, value, mask, scaling=attn.scaling, dropout=0.0, is_causal=False)
+        out = self._attend(query, key, value, index, kwargs.get("attention_mask"), state)
         residual = _gather(hidden_states, index)
-        h = residual + attn.o_proj(out.reshape(*index.shape, -1))
+        h = residual + attn.o_proj(out)
         h = h + layer.mlp(layer.post_attention_layernorm(h))
         if chosen.valid is not None:
             h = torch.where(chosen.valid.unsqueeze(-1), h, residual)
         return hidden_states.scatter(1, index.unsqueeze(-1).expand(-1, -1, h.shape[-1]), h)
+
+
+    def _attend(
+        self,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        index: torch.Tensor,
+        layer_mask: Any,
+        state: ForwardState,
+    ) -> torch.Tensor:
+        """Attention of the selected queries over all keys: ``[batch, k, heads * head_dim]``.
+
+        Args:
+            query: ``[batch, heads, k, head_dim]`` (RoPE applied).
+            key, value: ``[batch, kv_heads, kv_len, head_dim]``, all tokens of the layer.
+            index: ``[batch, k]`` columns of the selected queries.
+        """
+        attn = self.attn
+        function, wants_float = compat.attention_function(attn)
+        extra = {} if wants_float else {"is_causal": False}
+        window = compat.sliding_window(attn)
+        batch, k = index.shape
+        n_chunks = -(-k // QUERY_CHUNK)
+        if n_chunks == 1:
+            ends = [key.shape[2]]
+        else:  # one host sync for all chunks: the keys each chunk needs
+            padded = nn.functional.pad(index, (0, n_chunks * QUERY_CHUNK - k), value=0)
+            ends = (padded.view(batch, n_chunks, QUERY_CHUNK).amax(dim=(0, 2)) + 1).tolist()
+        outs = []
+        for c, kv_len in enumerate(ends):
+            rows = slice(c * QUERY_CHUNK, (c + 1) * QUERY_CHUNK)
+            mask = selection_mask(layer_mask, index[:, rows], state.seq, kv_len, state.real, window)
+            if wants_float and mask.dtype == torch.bool:
+                mask = torch.zeros(mask.shape, dtype=query.dtype, device=mask.device).masked_fill_(
+                    ~mask, torch.finfo(query.dtype).min
+                )
+            out, _ = function(
+                attn, query[:, :, rows], key[:, :, :kv_len], value[:, :, :kv_len], mask,
+                scaling=attn.scaling, dropout=0.0, **extra,
+            )
+            outs.append(out)
+        out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
+        return out.reshape(batch, k, -1)
 
 
 class RemovedForward:

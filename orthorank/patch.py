@@ -59,7 +59,8 @@ def _read_inputs(args: tuple[Any, ...], kwargs: dict[str, Any]) -> ForwardState 
         return ForwardState(batch, seq, "select", n_max=seq)
     n_real = real.sum(dim=1)
     sink = real.int().argmax(dim=1)
-    return ForwardState(batch, seq, "select", real=real, n_real=n_real, n_max=int(n_real.max()), sink=sink)
+    last = seq - 1 - real.flip(1).int().argmax(dim=1)
+    return ForwardState(batch, seq, "select", real, n_real, int(n_real.max()), sink, last)
 
 
 def _real_tokens(mask: Any, batch: int, seq: int) -> torch.Tensor | None:
@@ -121,6 +122,7 @@ def patch(
     plan: Plan | None = None,
     selector: str = "orthogonal",
     decode: str = "dense",
+    keep_last: bool = True,
     seed: int = 0,
 ) -> nn.Module:
     """Install OrthoRank token selection on ``model`` (in place) and return it.
@@ -135,13 +137,15 @@ def patch(
         keep_ratio: fraction of each row's tokens a selection layer updates, in (0, 1).
         selector: ``orthogonal`` (OrthoRank), ``least_orthogonal`` or ``random`` (controls).
         decode: what selection layers do in decode steps: ``dense`` (default) or ``bypass``.
+        keep_last: always select each row's last token (its output is the next-token
+            prediction); it takes one of the ``keep_ratio`` slots.
         seed: seed of the ``random`` selector.
 
     Patching a patched model replaces the previous patch. Undo with :func:`unpatch`.
     """
     spec = compat.arch_spec(model)
     keep_ratio = check_fraction("keep_ratio", keep_ratio, low_open=True, high_open=True)
-    options = PatchOptions(decode=decode, seed=seed)
+    options = PatchOptions(decode=decode, keep_last=keep_last, seed=seed)
     new_plan = _make_plan(model, sparsity, layers, keep_ratio, plan, selector)
     if is_patched(model):
         logger.info("orthorank: replacing the previous patch")
@@ -157,7 +161,9 @@ def patch(
             forward: SelectiveForward | RemovedForward = RemovedForward(layer)
         else:
             generator = _generator(layer, seed + i) if new_plan.selector == "random" else None
-            forward = SelectiveForward(layer, ratio, new_plan.selector, decode, handle.context, spec, generator)
+            forward = SelectiveForward(
+                layer, ratio, new_plan.selector, decode, keep_last, handle.context, spec, generator
+            )
         forward.original = compat.install_forward(layer, forward)
         handle.forwards[i] = forward
     if new_plan.selection_layers:
@@ -223,4 +229,5 @@ def patched(model: nn.Module, sparsity: float | None = None, **kwargs: Any) -> I
     finally:
         unpatch(model)
         if previous is not None:
-            patch(model, plan=previous.plan, decode=previous.options.decode, seed=previous.options.seed)
+            o = previous.options
+            patch(model, plan=previous.plan, decode=o.decode, keep_last=o.keep_last, seed=o.seed)

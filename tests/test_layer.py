@@ -29,14 +29,18 @@ def _inputs(padded: bool) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tens
     return ids, None, torch.arange(20)[None]
 
 
-def _expected_selection(x_norm: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
-    """Reference selection, row by row: the K_b real non-sink tokens with the smallest |cos|."""
+def _expected_selection(x_norm: torch.Tensor, real: torch.Tensor, keep_last: bool = True) -> torch.Tensor:
+    """Reference selection, row by row: K_b real non-sink tokens, the last one (if kept) and
+    those with the smallest |cos| to the sink."""
     selected = torch.zeros(real.shape, dtype=torch.bool)
     for b in range(real.shape[0]):
         cols = real[b].nonzero().flatten()
         sink, rest = cols[0], cols[1:]
-        cos = cosine_similarity(x_norm[b, rest].float(), x_norm[b, sink].float()[None], dim=-1).abs()
         k = tokens_to_keep(KEEP, len(cols))
+        if keep_last:
+            selected[b, rest[-1]] = True
+            rest, k = rest[:-1], k - 1
+        cos = cosine_similarity(x_norm[b, rest].float(), x_norm[b, sink].float()[None], dim=-1).abs()
         selected[b, rest[cos.argsort()[:k]]] = True
     return selected
 
@@ -81,11 +85,13 @@ def _layer_keys(cache, i):
     return cache.layers[i].keys, cache.layers[i].values
 
 
+@pytest.mark.parametrize("chunk", [256, 3], ids=["one-chunk", "chunks-of-3"])
 @pytest.mark.parametrize("padded", [False, True], ids=["batch1", "leftpad3"])
 @pytest.mark.parametrize("attn", ["eager", "sdpa"])
 @pytest.mark.parametrize("arch", ["llama", "mistral"])
 @pytest.mark.parametrize("cache_type", ["dynamic", "static"])
-def test_selection_layer_is_dense_where_selected(arch, attn, padded, cache_type):
+def test_selection_layer_is_dense_where_selected(arch, attn, padded, cache_type, chunk, monkeypatch):
+    monkeypatch.setattr(orthorank.layer, "QUERY_CHUNK", chunk)
     model = tiny_model(arch, attn)
     ids, mask, position_ids = _inputs(padded)
     orthorank.patch(model, layers=SELECTION_LAYERS, keep_ratio=KEEP)
@@ -109,6 +115,16 @@ def test_selection_layer_is_dense_where_selected(arch, attn, padded, cache_type)
             torch.testing.assert_close(out, dense, atol=0, rtol=0)
         for ours, theirs in zip(_layer_keys(cache, i), _layer_keys(dense_cache, i)):
             torch.testing.assert_close(ours, theirs, atol=1e-6, rtol=1e-5)
+
+
+def test_keep_last_false_selects_by_score_alone():
+    model = tiny_model()
+    ids, mask, position_ids = _inputs(True)
+    orthorank.patch(model, layers=[2], keep_ratio=KEEP, keep_last=False)
+    captured = _run_with_capture(model, ids, mask, position_ids, DynamicCache(config=model.config))
+    got = captured[2]
+    selected = _expected_selection(model.model.layers[2].input_layernorm(got["x"]), mask.bool(), keep_last=False)
+    assert torch.equal((got["out"] != got["x"]).any(-1), selected)
 
 
 def test_selection_really_skips_compute():
@@ -144,10 +160,12 @@ def test_other_selectors_keep_the_property(selector):
     changed = (got["out"] != got["x"]).any(-1)
     assert int(changed.sum()) == tokens_to_keep(KEEP, 24)
     assert not changed[0, 0], "the sink is never selected"
+    assert changed[0, -1], "the last token is kept by default"
     torch.testing.assert_close(got["out"][changed], dense[changed], atol=2e-5, rtol=1e-4)
     if selector == "least_orthogonal":
         x_norm = model.model.layers[2].input_layernorm(got["x"])
         cos = cosine_similarity(x_norm[0, 1:], x_norm[0, :1], dim=-1).abs()
         expected = torch.zeros(24, dtype=torch.bool)
-        expected[1 + cos.argsort(descending=True)[: tokens_to_keep(KEEP, 24)]] = True
+        expected[-1] = True
+        expected[1 + cos[:-1].argsort(descending=True)[: tokens_to_keep(KEEP, 24) - 1]] = True
         assert torch.equal(changed[0], expected)
