@@ -108,7 +108,7 @@ def _gather(t: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
 
 #: Selected queries are attended in chunks of this many; each chunk reads only the keys up to its
 #: last position, which recovers most of what a causal kernel skips (and bounds the mask's size).
-QUERY_CHUNK = 256
+QUERY_CHUNK = 128
 
 
 def selection_mask(
@@ -138,6 +138,20 @@ def selection_mask(
         allowed &= real.unsqueeze(1)
         allowed |= key == query
     return allowed.unsqueeze(1)
+
+
+def _sdpa_grouped(
+    attn: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor, **kwargs: Any
+) -> tuple[torch.Tensor, None]:
+    """SDPA with grouped key/value heads read in place (``enable_gqa``): ``[batch, q, heads, head_dim]``.
+
+    Used on CPU, where the masked kernel supports grouped heads; elsewhere transformers' sdpa
+    function repeats the key/value heads so that a fused masked kernel can run.
+    """
+    out = nn.functional.scaled_dot_product_attention(
+        query, key, value, attn_mask=mask, scale=kwargs["scaling"], enable_gqa=query.shape[1] != key.shape[1]
+    )
+    return out.transpose(1, 2), None
 
 
 class SelectiveForward:
@@ -251,6 +265,8 @@ class SelectiveForward:
         attn = self.attn
         function, wants_float = compat.attention_function(attn)
         extra = {} if wants_float else {"is_causal": False}
+        if not wants_float and query.device.type == "cpu":
+            function = _sdpa_grouped
         window = compat.sliding_window(attn)
         batch, k = index.shape
         n_chunks = -(-k // QUERY_CHUNK)
