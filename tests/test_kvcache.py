@@ -192,34 +192,42 @@ def test_unlimited_budget_equals_dynamic_cache_in_generate(arch: str, policy: st
     assert cache.stats()["evicted"] == 0 and cache.get_seq_length() == 7 + 15
 
 
-def streaming_mask(length: int, prompt: int, budget: int, n_sink: int) -> torch.Tensor:
-    """``[1, 1, L, L]`` bool: what a sink_window cache lets each query see (prefill is plain causal)."""
+def streaming_mask(length: int, prompt: int, budget: int, n_sink: int, chunk: int) -> torch.Tensor:
+    """``[1, 1, L, L]`` bool: what a sink_window cache lets each query see when the text after the
+    prompt is fed ``chunk`` tokens at a time (the prompt itself is plain causal)."""
     q = torch.arange(length)[:, None]
     k = torch.arange(length)[None, :]
-    recent = k > q - (budget - n_sink + 1)
-    seen = (k <= q) & ((k < n_sink) | recent | (q < prompt))
+    chunk_start = prompt + (q - prompt).div(chunk, rounding_mode="floor") * chunk
+    stored_before = k >= chunk_start - (budget - n_sink)  # the cache holds the sink and these
+    seen = (k <= q) & ((k < n_sink) | stored_before | (q < prompt))
     return seen[None, None]
 
 
+@pytest.mark.parametrize("chunk", [1, 3])
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
-def test_evicted_cache_equals_full_attention_with_the_same_mask(attn: str) -> None:
+def test_evicted_cache_equals_full_attention_with_the_same_mask(attn: str, chunk: int) -> None:
     """Known answer after eviction: RoPE positions stay absolute and the mask matches the stored keys."""
     model = tiny_model("llama", attn)
     seq, prompt, budget, n_sink = ids(40), 6, 12, 2
     cache = BudgetCache(model, budget=budget, policy="sink_window", n_sink=n_sink, window=0)
     logits = [model(seq[:, :prompt], cache=cache).logits]
-    for t in range(prompt, seq.shape[1]):
-        logits.append(model(seq[:, t : t + 1], cache=cache).logits)
+    for t in range(prompt, seq.shape[1], chunk):
+        logits.append(model(seq[:, t : t + chunk], cache=cache).logits)
     got = torch.cat(logits, dim=1)
-    mask = streaming_mask(seq.shape[1], prompt, budget, n_sink)
+    mask = streaming_mask(seq.shape[1], prompt, budget, n_sink, chunk)
     if attn == "eager":
         mask = torch.zeros(mask.shape).masked_fill(~mask, torch.finfo(torch.float32).min)
     want = model(seq, attention_mask=mask).logits
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
     assert cache.layers[0].stored_length == budget and cache.get_seq_length() == seq.shape[1]
-    # a compressed (non-absolute) numbering would change the logits: check the test can tell
-    shifted = model(seq[:, -budget:]).logits[:, -1]
-    assert not torch.allclose(shifted, got[:, -1], atol=1e-3)
+    # negative control: numbering new tokens by the STORED length (a naive cache) gives other logits
+    naive = BudgetCache(model, budget=budget, policy="sink_window", n_sink=n_sink, window=0)
+    model(seq[:, :prompt], cache=naive)
+    for t in range(prompt, seq.shape[1], chunk):
+        x = seq[:, t : t + chunk]
+        compressed = naive.get_query_offset(0) + torch.arange(x.shape[1])[None]
+        last = model(x, cache=naive, position_ids=compressed).logits
+    assert not torch.allclose(last, got[:, -last.shape[1] :], atol=1e-3)
 
 
 def test_new_token_rope_position_is_absolute_after_eviction() -> None:
@@ -308,3 +316,23 @@ def test_separator_ids_from_tokenizer() -> None:
     assert separator_ids(FakeTokenizer()) == [1, 2, 3, 5]
     with pytest.raises(ValueError, match="punctuation"):
         separator_ids(FakeTokenizer(), chars=["a"])
+
+
+def test_composes_with_orthorank_patch() -> None:
+    """OrthoRank prefill + budgeted decode: unlimited budget equals the patched model's own cache."""
+    import orthorank
+
+    model = tiny_model()
+    orthorank.patch(model, layers=[1])
+    try:
+        prompt = ids(12)
+        ref = model.generate(prompt, max_new_tokens=12, do_sample=False, cache=DynamicCache(config=model.config))
+        cache = BudgetCache(model, budget=64, policy="milestone", n_sink=2, window=4)
+        out = model.generate(prompt, max_new_tokens=12, do_sample=False, cache=cache)
+        assert torch.equal(out, ref)
+        small = BudgetCache(model, budget=16, policy="milestone", n_sink=2, window=4)
+        model.generate(prompt, max_new_tokens=20, do_sample=False, cache=small)
+        stats = small.stats()
+        assert stats["stored"] == 16 and stats["seen"] == 31 and stats["unscored_updates"] == 0
+    finally:
+        orthorank.unpatch(model)

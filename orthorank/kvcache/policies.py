@@ -210,17 +210,24 @@ def attention_hits(
     n_kv, total = keys.shape[1], keys.shape[2]
     if n_q % n_kv:
         raise ValueError(f"query heads ({n_q}) must be a multiple of key heads ({n_kv})")
-    q = query.float().reshape(bsz, n_kv, n_q // n_kv, t_new, dim)
-    logits = torch.einsum("bhgtd,bhsd->bhgts", q, keys.float()) * scaling
+    group = n_q // n_kv
+    q = query.float().reshape(bsz, n_kv, group * t_new, dim)  # heads of a group are contiguous
+    logits = torch.matmul(q, keys.float().transpose(-1, -2)).mul_(scaling)  # [B, Hkv, G*T, S+T]
+    logits = logits.view(bsz, n_q, t_new, total)
     past = total - t_new
-    visible = torch.arange(total, device=keys.device)[None, :] <= (past + torch.arange(t_new, device=keys.device))[:, None]
-    probs = logits.masked_fill(~visible, float("-inf")).softmax(dim=-1).flatten(1, 2)
-    scores = probs.mean(dim=1) if head_reduce == "mean" else probs.amax(dim=1)
-    n_visible = visible.sum(-1)
+    visible = None
+    if t_new > 1:
+        key_idx = torch.arange(total, device=keys.device)
+        visible = key_idx[None, :] <= (past + torch.arange(t_new, device=keys.device))[:, None]  # [T, S+T]
+        logits = logits.masked_fill(~visible, float("-inf"))
+    probs = logits.softmax(dim=-1)
+    scores = probs.mean(dim=1) if head_reduce == "mean" else probs.amax(dim=1)  # [B, T, S+T]
     k_max = max(1, math.ceil(top_fraction * total))
     top = scores.topk(k_max, dim=-1).indices
-    per_row = torch.clamp(torch.ceil(top_fraction * n_visible.float()).long(), min=1)
+    hits = torch.zeros(scores.shape, dtype=torch.bool, device=scores.device)
+    if visible is None:
+        return hits.scatter_(-1, top, True)
+    per_row = torch.ceil(top_fraction * visible.sum(-1).float()).long().clamp_(min=1)  # [T]
     take = torch.arange(k_max, device=keys.device)[None, :] < per_row[:, None]
-    hits = torch.zeros_like(scores, dtype=torch.bool)
     hits.scatter_(-1, top, take.expand(bsz, -1, -1))
     return hits & visible
