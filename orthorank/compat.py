@@ -39,6 +39,8 @@ class ArchSpec:
 ARCHITECTURES: dict[str, ArchSpec] = {
     "llama": ArchSpec(),
     "mistral": ArchSpec(),
+    "qwen2": ArchSpec(),  # q/k/v projections with bias: nn.Linear applies it
+    "qwen3": ArchSpec(qk_norm=True),
 }
 
 
@@ -86,12 +88,14 @@ def _forward_slot(layer: nn.Module) -> str:
 def install_forward(layer: nn.Module, forward: Callable[..., Any]) -> Callable[..., Any]:
     """Make ``forward`` this instance's forward and return the one it replaces.
 
-    The class, the parameters and the state_dict stay untouched.
+    The class, the parameters and the state_dict stay untouched. On a layer under accelerate's
+    hooks (``dispatch_model``, ``cpu_offload``, ``device_map=...``) the hook's wrapper stays outer:
+    inputs are moved and offloaded weights loaded before ``forward`` runs.
     """
     slot = _forward_slot(layer)
     had_own = slot in layer.__dict__
     previous = getattr(layer, slot)
-    setattr(layer, _ORIGINAL, (slot, had_own, layer.__dict__.get(slot)))
+    setattr(layer, _ORIGINAL, (slot, had_own, previous, forward))
     setattr(layer, slot, forward)
     return previous
 
@@ -101,12 +105,24 @@ def is_installed(layer: nn.Module) -> bool:
 
 
 def restore_forward(layer: nn.Module) -> None:
-    """Undo :func:`install_forward`."""
-    slot, had_own, previous = layer.__dict__.pop(_ORIGINAL)
-    if had_own:
-        setattr(layer, slot, previous)
+    """Undo :func:`install_forward`, also when accelerate hooks were added or removed since.
+
+    ``add_hook_to_module`` moves the instance's forward to ``_old_forward``;
+    ``remove_hook_from_module`` moves ``_old_forward`` back to ``forward``. The installed forward is
+    looked for in both slots and replaced by the forward it had replaced.
+    """
+    slot, had_own, previous, installed = layer.__dict__.pop(_ORIGINAL)
+    where = next((s for s in ("forward", "_old_forward") if layer.__dict__.get(s) is installed), None)
+    if where is None:
+        logger.warning("orthorank: the forward of %s was replaced after patching; left as it is", type(layer).__name__)
+        return
+    class_forward = getattr(previous, "__func__", None) is type(layer).forward and getattr(previous, "__self__", None) is layer
+    if where == slot and not had_own:
+        del layer.__dict__[slot]
+    elif where == "forward" and class_forward:
+        del layer.__dict__["forward"]
     else:
-        layer.__dict__.pop(slot, None)
+        setattr(layer, where, previous)
 
 
 # --- per-forward inputs of the base model ----------------------------------------------------
@@ -120,6 +136,21 @@ def find_cache(kwargs: dict[str, Any]) -> Any:
         if kwargs.get(name) is not None:
             return kwargs[name]
     return None
+
+
+def mask_tensor(mask: Any) -> Any:
+    """The attention mask a base model was called with, as one tensor when it is a mapping.
+
+    ``generate`` with a static cache hands models with sliding-window layers (Qwen2/Qwen3 with
+    ``layer_types``) a dict of prebuilt 4-D masks per layer type; the full-attention one tells
+    which tokens are real. Anything else is returned as it is.
+    """
+    if isinstance(mask, dict):
+        for name in ("full_attention", *mask):
+            if isinstance(mask.get(name), torch.Tensor):
+                return mask[name]
+        return None
+    return mask
 
 
 def past_length(cache: Any) -> int:

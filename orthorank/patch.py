@@ -69,6 +69,7 @@ def _real_tokens(mask: Any, batch: int, seq: int) -> torch.Tensor | None:
     A 4-D mask (``[batch, 1, seq, kv]``, as ``generate`` builds for static caches) marks a token
     as real when it may attend to itself (its diagonal entry), which padding tokens may not.
     """
+    mask = compat.mask_tensor(mask)
     if not isinstance(mask, torch.Tensor):
         return None
     if mask.dim() == 2 and mask.shape == (batch, seq):

@@ -6,13 +6,26 @@ import inspect
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM
+from transformers import (
+    LlamaConfig,
+    LlamaForCausalLM,
+    MistralConfig,
+    MistralForCausalLM,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+    Qwen3Config,
+    Qwen3ForCausalLM,
+)
 
 VOCAB = 97
 
 
 def tiny_model(arch: str = "llama", attn: str = "sdpa", layers: int = 6, seed: int = 0, **overrides) -> torch.nn.Module:
-    """A float32 model with 4 query heads / 2 key-value heads, hidden size 64."""
+    """A float32 model with 4 query heads / 2 key-value heads, hidden size 64.
+
+    ``mistral`` uses a sliding window of 8; ``qwen2``/``qwen3`` run full attention in layers 0-2
+    and a sliding window of 8 in layers 3+ (their per-layer ``layer_types``).
+    """
     common = dict(
         vocab_size=VOCAB,
         hidden_size=64,
@@ -32,10 +45,31 @@ def tiny_model(arch: str = "llama", attn: str = "sdpa", layers: int = 6, seed: i
     elif arch == "mistral":
         common.setdefault("sliding_window", 8)
         model = MistralForCausalLM(MistralConfig(**common))
+    elif arch in ("qwen2", "qwen3"):
+        common.update(use_sliding_window=True, sliding_window=8, max_window_layers=3, **overrides)
+        if arch == "qwen2":
+            model = Qwen2ForCausalLM(Qwen2Config(**common))
+        else:
+            common.setdefault("head_dim", 16)
+            model = Qwen3ForCausalLM(Qwen3Config(**common))
+        _randomize_attention_extras(model)
     else:
         raise ValueError(arch)
     model.config._attn_implementation = attn
     return model.eval()
+
+
+def _randomize_attention_extras(model: torch.nn.Module) -> None:
+    """Non-trivial q/k/v biases (Qwen2) and q/k norm weights (Qwen3); initialisation makes them 0 / 1."""
+    with torch.no_grad():
+        for layer in model.model.layers:
+            attn = layer.self_attn
+            for proj in (attn.q_proj, attn.k_proj, attn.v_proj):
+                if proj.bias is not None:
+                    proj.bias.normal_(0.0, 0.5)
+            for norm in (getattr(attn, "q_norm", None), getattr(attn, "k_norm", None)):
+                if norm is not None:
+                    norm.weight.uniform_(0.5, 1.5)
 
 
 def cache_kwarg(layer: torch.nn.Module) -> str:
