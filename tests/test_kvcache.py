@@ -185,7 +185,9 @@ def test_unlimited_budget_equals_dynamic_cache_in_generate(arch: str, policy: st
     extra = {"separator_ids": [1, 2, 3]} if policy == "separators" else {}
     budget = None if policy == "full" else 64
     cache = BudgetCache(model, budget=budget, policy=policy, **extra)
-    out = model.generate(prompt, max_new_tokens=16, do_sample=False, cache=cache, output_logits=True, return_dict_in_generate=True)
+    out = model.generate(
+        prompt, max_new_tokens=16, do_sample=False, cache=cache, output_logits=True, return_dict_in_generate=True
+    )
     assert torch.equal(out.sequences, ref.sequences)
     for a, b in zip(out.logits, ref.logits):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
@@ -249,7 +251,9 @@ def test_milestone_refresh_matches_eager_attention_weights() -> None:
     """The cache's recomputed scores equal the model's own attention weights of the step."""
     model = tiny_model("llama", "eager")
     seq = ids(13)
-    cache = BudgetCache(model, budget=100, policy="milestone", n_sink=1, window=1, top_fraction=0.25, protect_prompt=False)
+    cache = BudgetCache(
+        model, budget=100, policy="milestone", n_sink=1, window=1, top_fraction=0.25, protect_prompt=False
+    )
     model(seq[:, :12], cache=cache)
     out = model(seq[:, 12:], cache=cache, output_attentions=True)
     for layer_idx, weights in enumerate(out.attentions):  # [1, H, 1, 13]
@@ -263,7 +267,9 @@ def test_milestone_refresh_matches_eager_attention_weights() -> None:
 def test_batch_rows_evict_independently() -> None:
     model = tiny_model()
     seq = ids(30, batch=2, seed=3)
-    caches = [BudgetCache(model, budget=10, policy="milestone", n_sink=1, window=2, protect_prompt=False) for _ in range(3)]
+    caches = [
+        BudgetCache(model, budget=10, policy="milestone", n_sink=1, window=2, protect_prompt=False) for _ in range(3)
+    ]
     outs = []
     for cache, rows in zip(caches, (seq, seq[:1], seq[1:])):
         logits = [model(rows[:, :4], cache=cache).logits]
@@ -273,7 +279,8 @@ def test_batch_rows_evict_independently() -> None:
     torch.testing.assert_close(outs[0], torch.cat(outs[1:], 0), rtol=1e-4, atol=1e-5)
     for layer_idx in range(2):
         both = caches[0].layers[layer_idx].positions
-        assert both.tolist() == [caches[1].layers[layer_idx].positions[0].tolist(), caches[2].layers[layer_idx].positions[0].tolist()]
+        rows = [caches[i].layers[layer_idx].positions[0].tolist() for i in (1, 2)]
+        assert both.tolist() == rows
     assert caches[0].layers[0].stored_length == 10
 
 

@@ -208,7 +208,8 @@ class BudgetCache(Cache):
             if query is None and layer.stored_length > 0:
                 if not self.attached:
                     raise RuntimeError(
-                        "policy='milestone' needs the queries: create BudgetCache(model, ...) or call cache.attach(model)"
+                        "policy='milestone' needs the queries: create BudgetCache(model, ...) "
+                        "or call cache.attach(model)"
                     )
                 if layer.unscored_updates == 0:
                     logger.warning("layer %d: no query captured for this step; timestamps not refreshed", layer_idx)

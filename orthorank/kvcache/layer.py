@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from typing import Callable
 
 import torch
 from transformers.cache_utils import CacheLayerMixin
@@ -182,7 +183,8 @@ class BudgetLayer(CacheLayerMixin):
         if tokens_to_remove != 0:
             raise NotImplementedError("a budgeted cache cannot be cropped (evicted tokens cannot be restored)")
 
-    def _select_batch(self, fn) -> None:  # noqa: ANN001 - small internal helper
+    def _select_batch(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        """Apply a batch-dimension selection to every stored tensor."""
         if self.is_initialized:
             self.keys, self.values = fn(self.keys), fn(self.values)
             self.positions, self.priorities = fn(self.positions), fn(self.priorities)
