@@ -348,3 +348,23 @@ def test_report_writes_json_csv_plots_and_summary(tmp_path):
     assert "| orthorank | 0.2 (0.200) | 12.00 |" in table
     assert "1.25× (1.20×)" in table
     assert not math.isnan(results.speed[-1].speedup)
+
+
+def test_flop_ideal_agrees_with_plan_flops_fraction_on_full_forwards():
+    if not hasattr(Plan, "flops_fraction"):
+        pytest.skip("this release's Plan has no flops_fraction")
+    config = SimpleNamespace(hidden_size=64, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                             intermediate_size=128, vocab_size=100, num_hidden_layers=4)
+    for plan in (Plan((1.0, 0.25, 0.0, 1.0)), Plan((1.0, 0.5, 0.5, 1.0))):
+        ideal = flops.ideal_prefill_speedup(config, plan, 64, logits_tokens=64)
+        assert ideal == pytest.approx(1.0 / (1.0 - plan.flops_fraction(config, 64)))
+
+
+def test_speed_shapes_respect_the_token_cap():
+    sp = SpeedSettings(contexts=(512, 4096), batches=(1, 8), max_tokens=4096)
+    assert sp.shapes() == [(1, 512), (1, 4096), (8, 512)]
+    assert SpeedSettings(contexts=(512, 4096), batches=(1, 8)).shapes()[-1] == (8, 4096)
+    with pytest.raises(ValueError, match="max_tokens"):
+        SpeedSettings(contexts=(512,), batches=(8,), max_tokens=100)
+    args = parser().parse_args(["--max-tokens", "0"])
+    assert settings_from_args(args).speed.max_tokens is None

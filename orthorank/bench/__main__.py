@@ -63,6 +63,7 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--forward", type=_ints, help="full forward with all logits at BATCH,CONTEXT, e.g. 8,1024")
     s.add_argument("--decode-steps", type=int, help="decode steps per repeat (0 skips decode)")
     s.add_argument("--decode-context", type=int)
+    s.add_argument("--max-tokens", type=int, help="skip prefill shapes above BATCH*CONTEXT tokens (0: no cap)")
     s.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
     p.add_argument("-v", "--verbose", action="store_true", help="log INFO messages")
     return p
@@ -88,6 +89,8 @@ def settings_from_args(args: argparse.Namespace) -> BenchSettings:
             "warmup": args.warmup, "methods": args.speed_methods, "sparsities": args.speed_sparsity,
             "forward": args.forward, "decode_steps": args.decode_steps, "decode_context": args.decode_context,
         }.items() if v is not None}
+        if args.max_tokens is not None:
+            fields["max_tokens"] = args.max_tokens or None
         if args.no_memory:
             fields["memory"] = False
         speed = dataclasses.replace(speed, **fields)

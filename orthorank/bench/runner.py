@@ -134,12 +134,12 @@ def measure_speed(model: nn.Module, methods: dict[str, Plan | None], sp: SpeedSe
     """
     config = model.config
     rows: list[speed.SpeedRow] = []
-    jobs = [(d, b, c) for d in sp.dtypes for b in sp.batches for c in sp.contexts]
+    shapes = sp.shapes()
     original = next(model.parameters()).dtype
     try:
         for dtype in sp.dtypes:
             model.to(torch_dtype(dtype))
-            for batch, context in tqdm([(b, c) for b in sp.batches for c in sp.contexts], desc=f"prefill {dtype}", unit="shape"):
+            for batch, context in tqdm(shapes, desc=f"prefill {dtype}", unit="shape"):
                 ids = windows(batch, context)
                 times = speed.time_prefill(model, methods, ids, repeats=sp.repeats, warmup=sp.warmup)
                 for label, plan in methods.items():
@@ -162,7 +162,7 @@ def measure_speed(model: nn.Module, methods: dict[str, Plan | None], sp: SpeedSe
                     row.tokens_per_s = batch / row.median_s
                     rows.append(row)
             if sp.memory:
-                batch, context = max(sp.batches), max(sp.contexts)
+                batch, context = max(shapes, key=lambda bc: (bc[0] * bc[1], bc[1]))
                 peaks = speed.prefill_peak_memory(model, methods, windows(batch, context))
                 for row in rows:
                     if row.kind == "prefill" and row.dtype == dtype and (row.batch, row.context) == (batch, context):
@@ -171,7 +171,7 @@ def measure_speed(model: nn.Module, methods: dict[str, Plan | None], sp: SpeedSe
                         row.memory_ratio = peaks[label] / peaks["dense"]
     finally:
         model.to(original)
-    logger.info("speed: %d rows from %d shapes", len(rows), len(jobs))
+    logger.info("speed: %d rows from %d shapes x %d dtypes", len(rows), len(shapes), len(sp.dtypes))
     return rows
 
 

@@ -45,8 +45,10 @@ class SpeedSettings:
     #: decode steps timed per repeat, after a prefill of decode_context tokens; 0 to skip
     decode_steps: int = 8
     decode_context: int = 512
-    #: peak tensor memory of one prefill per method at the largest context and batch
+    #: peak tensor memory of one prefill per method at the largest timed shape
     memory: bool = True
+    #: skip prefill shapes with batch x context above this many tokens (None: no cap)
+    max_tokens: int | None = None
 
     def __post_init__(self) -> None:
         self.methods = check_methods(self.methods)
@@ -59,10 +61,18 @@ class SpeedSettings:
         _positive_ints("repeats", (self.repeats,))
         if isinstance(self.warmup, bool) or not isinstance(self.warmup, int) or self.warmup < 0:
             raise ValueError(f"warmup must be an int >= 0, got {self.warmup!r}")
+        if self.max_tokens is not None:
+            _positive_ints("max_tokens", (self.max_tokens,))
+        if not self.shapes():
+            raise ValueError(f"no (batch, context) shape fits max_tokens={self.max_tokens}")
         if self.forward is not None:
             self.forward = tuple(_positive_ints("forward", self.forward))  # type: ignore[assignment]
             if len(self.forward) != 2:
                 raise ValueError("forward must be (batch, context)")
+
+    def shapes(self) -> list[tuple[int, int]]:
+        """Prefill shapes ``(batch, context)`` timed, within ``max_tokens``."""
+        return [(b, c) for b in self.batches for c in self.contexts if self.max_tokens is None or b * c <= self.max_tokens]
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -78,10 +88,10 @@ class BenchSettings:
     out: str = "results/bench"
     name: str | None = None
     methods: tuple[str, ...] = METHODS
-    sparsities: tuple[float, ...] = (0.1, 0.2, 0.3)
+    sparsities: tuple[float, ...] = (0.2,)
     #: OrthoRank layers from calibration (True) or the data-free default plan (False)
     calibrated: bool = True
-    calib_windows: int = 8
+    calib_windows: int = 4
     calib_window: int = 256
     quality: bool = True
     quality_dtype: str = "bfloat16"
@@ -119,27 +129,29 @@ class BenchSettings:
         if preset == "full":
             base = dataclasses.replace(
                 base,
-                calib_windows=16,
-                calib_window=512,
+                sparsities=(0.1, 0.2, 0.3),
+                calib_windows=8,
+                calib_window=256,
                 quality_dtype="float32",
-                ppl_windows=32,
+                ppl_windows=16,
                 ppl_window=1024,
-                cloze_items=200,
+                cloze_items=100,
                 cloze_context=256,
                 gen_prompts=16,
                 gen_tokens=64,
-                passkey_lengths=(512, 1024, 2048, 4096, 8192),
-                passkey_trials=5,
+                passkey_lengths=(1024, 2048, 4096, 8192),
+                passkey_trials=3,
                 speed=SpeedSettings(
-                    methods=("dense", "orthorank", "sleb", "shortgpt"),
-                    sparsities=(0.1, 0.2, 0.3),
-                    contexts=(256, 512, 1024, 2048, 4096),
+                    methods=("dense", "orthorank", "sleb"),
+                    sparsities=(0.2,),
+                    contexts=(512, 1024, 2048, 4096),
                     batches=(1, 8),
                     dtypes=("float32", "bfloat16"),
                     repeats=5,
                     forward=(8, 1024),
                     decode_steps=16,
                     decode_context=1024,
+                    max_tokens=16384,
                 ),
             )
         return dataclasses.replace(base, **overrides)
