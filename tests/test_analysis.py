@@ -68,6 +68,23 @@ class NumberTokenizer:
         return {"input_ids": [int(w) for w in text.split()]}
 
 
+# ---------------------------------------------------------------- batching
+
+
+def test_make_batches_right_pads_longest_first() -> None:
+    batches = inputs.make_batches(["1 2", "3 4 5 6", "7", "8 9 10"], NumberTokenizer(), max_tokens=3, batch_size=2)
+    # "7" (one token, no room for anything besides a sink) is dropped; "3 4 5 6" is cut to 3 tokens
+    assert [b.input_ids.tolist() for b in batches] == [[[3, 4, 5], [8, 9, 10]], [[1, 2]]]
+    assert [b.attention_mask.tolist() for b in batches] == [[[1, 1, 1], [1, 1, 1]], [[1, 1]]]
+    mixed = inputs.make_batches(["1 2 3", "4 5"], NumberTokenizer(), batch_size=2)[0]
+    assert mixed.input_ids.tolist() == [[1, 2, 3], [4, 5, 0]]
+    assert mixed.attention_mask.tolist() == [[1, 1, 1], [1, 1, 0]]
+    ids = torch.arange(12).view(3, 4)
+    assert [b.input_ids.shape[0] for b in inputs.make_batches(ids, batch_size=2)] == [2, 1]
+    with pytest.raises(ValueError, match="max_tokens"):
+        inputs.make_batches(["1 2"], NumberTokenizer(), max_tokens=1)
+
+
 # ---------------------------------------------------------------- pure sink functions
 
 
@@ -263,7 +280,8 @@ def test_plots_write_png(tmp_path: Path) -> None:
     ids = torch.randint(1, VOCAB, (2, 8), generator=torch.Generator().manual_seed(0))
     sp = analysis.sink_profile(model, None, ids)
     sat = analysis.saturation_profile(model, None, ids, top_k=2)
-    for fig_fn, prof, name in ((analysis.plot_sink_profile, sp, "s.png"), (analysis.plot_saturation_profile, sat, "t.png")):
+    cases = ((analysis.plot_sink_profile, sp, "s.png"), (analysis.plot_saturation_profile, sat, "t.png"))
+    for fig_fn, prof, name in cases:
         fig = fig_fn(prof, tmp_path / "figs" / name)
         assert len(fig.axes) >= 2
         assert (tmp_path / "figs" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -284,7 +302,8 @@ def test_cli_writes_figures_and_summary(tmp_path: Path) -> None:
     text = tmp_path / "t.txt"
     text.write_text("the cat sat on the mat\n\nthe dog ran far away home\n\na big red cat\n", encoding="utf-8")
     out = tmp_path / "out"
-    args = ["--model", str(model_dir), "--text", str(text), "--out", str(out), "--max-tokens", "5", "--top-k", "2", "-q"]
+    args = ["--model", str(model_dir), "--text", str(text), "--out", str(out)]
+    args += ["--max-tokens", "5", "--top-k", "2", "-q"]
     assert cli_main(args) == 0
     assert (out / "sink_profile.png").is_file() and (out / "saturation.png").is_file()
     summary = json.loads((out / "summary.json").read_text())

@@ -78,7 +78,9 @@ def load_rows(args: argparse.Namespace, tokenizer) -> list[str] | torch.Tensor:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the analyses and write the figures and ``summary.json``; returns the exit status."""
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.WARNING if args.quiet else logging.INFO, format="%(levelname)s %(name)s: %(message)s"
+    )
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     model, tokenizer = data.load_model(args.model, arch=args.arch, dtype=DTYPES[args.dtype])

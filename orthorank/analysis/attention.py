@@ -14,7 +14,7 @@ from typing import Iterator, Sequence
 import torch
 from torch import nn
 
-from .inputs import Batch, decoder_layers, iter_progress, model_device
+from .inputs import Batch, decoder_layers, iter_progress, run_decoder
 from .sink import candidate_mask, sink_index
 
 logger = logging.getLogger(__name__)
@@ -76,7 +76,6 @@ def sink_attention_profile(model: nn.Module, batches: Sequence[Batch], *, progre
             sums[idx] += float(share[state["queries"].to(share.device)].sum())
 
         handles.append(layer.self_attn.register_forward_hook(hook))
-    device = model_device(model)
     try:
         with attention_implementation(model, "eager"):
             for batch in iter_progress(batches, "sink attention", progress):
@@ -84,11 +83,7 @@ def sink_attention_profile(model: nn.Module, batches: Sequence[Batch], *, progre
                 state["sink"] = sink
                 state["queries"] = candidate_mask(batch.attention_mask, sink)
                 count += int(state["queries"].sum())
-                model(
-                    input_ids=batch.input_ids.to(device),
-                    attention_mask=batch.attention_mask.to(device),
-                    use_cache=False,
-                )
+                run_decoder(model, batch)
     finally:
         for handle in handles:
             handle.remove()

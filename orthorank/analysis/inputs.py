@@ -67,7 +67,8 @@ def make_batches(
         batch_size: rows per batch.
 
     Returns:
-        Batches ``[<=batch_size, seq]`` in input order.
+        Batches ``[<=batch_size, seq]``. Texts are grouped longest first, so that rows of similar
+        length share a batch and little padding is computed; a token tensor keeps its order.
     """
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
@@ -79,7 +80,7 @@ def make_batches(
         ]
     if tokenizer is None:
         raise ValueError("a tokenizer is needed to analyse texts")
-    rows = encode_texts(tokenizer, inputs, max_tokens)
+    rows = sorted(encode_texts(tokenizer, inputs, max_tokens), key=len, reverse=True)
     pad_id = getattr(tokenizer, "pad_token_id", None)
     pad_id = 0 if pad_id is None else int(pad_id)
     batches = []
@@ -123,6 +124,16 @@ def iter_progress(items: Sequence, desc: str, enabled: bool) -> Iterator:
     from tqdm.auto import tqdm
 
     return iter(tqdm(items, desc=desc, unit="batch"))
+
+
+def run_decoder(model: nn.Module, batch: Batch) -> None:
+    """Run the decoder stack only (``model.model``): the hooks see every layer, no logits are computed."""
+    device = model_device(model)
+    model.model(
+        input_ids=batch.input_ids.to(device),
+        attention_mask=batch.attention_mask.to(device),
+        use_cache=False,
+    )
 
 
 def model_device(model: nn.Module) -> torch.device:

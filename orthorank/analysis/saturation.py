@@ -196,6 +196,7 @@ def saturation_profile(
     """
     batches = make_batches(texts, tokenizer, max_tokens=max_tokens, batch_size=batch_size)
     sat, agreement = collect_saturation(model, batches, top_k, progress)
-    profile = summarize_saturation(sat, len(decoder_layers(model)), sum(b.input_ids.shape[0] for b in batches), agreement)
+    n_rows = sum(b.input_ids.shape[0] for b in batches)
+    profile = summarize_saturation(sat, len(decoder_layers(model)), n_rows, agreement)
     profile.meta = {"model": getattr(getattr(model, "config", None), "_name_or_path", ""), "max_tokens": max_tokens}
     return profile

@@ -24,7 +24,7 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
-from .inputs import Batch, decoder_layers, iter_progress, make_batches, model_device
+from .inputs import Batch, decoder_layers, iter_progress, make_batches, run_decoder
 
 logger = logging.getLogger(__name__)
 
@@ -88,7 +88,20 @@ def selection_overlap(previous: torch.Tensor, current: torch.Tensor) -> tuple[in
 
 @dataclass
 class SinkProfile:
-    """Per-layer sink statistics (lists have one entry per decoder layer; NaN where undefined)."""
+    """Per-layer sink statistics; lists have one entry per decoder layer, NaN where undefined.
+
+    Attributes:
+        num_layers, keep_ratio: model depth and the keep ratio used for ``overlap``.
+        n_rows, n_tokens: rows analysed and their real non-sink tokens (the statistics' population).
+        cos_mean, abs_cos_mean: mean of ``cos`` and of ``|cos|`` to the sink at each layer's input norm.
+        cos_quantiles: ``{"0.1": [...], "0.25": [...], ...}`` quantiles of ``cos`` per layer.
+        sink_change: mean over rows of ``1 - cos(h_sink^l, h_sink^(l-1))`` (NaN at layer 0).
+        token_change: the same for the other tokens, mean over tokens (NaN at layer 0).
+        overlap: ``|S_l ∩ S_(l-1)| / |S_l|`` over all rows, ``S_l`` the tokens selected at layer ``l``.
+        random_overlap: the expected ``overlap`` of independent uniform selections of the same sizes.
+        sink_attention: mean attention weight on the sink over heads and real non-sink queries.
+        meta: free-form description (model name, settings).
+    """
 
     num_layers: int
     keep_ratio: float
@@ -135,13 +148,17 @@ class SinkAccumulator:
         self.n_tokens = 0
         self.random_hits = 0.0
         self.random_total = 0.0
+        self.sink = torch.zeros(0, dtype=torch.long)
+        self.candidates = torch.zeros(0, 0, dtype=torch.bool)
+        self.prev_h: torch.Tensor | None = None
+        self.prev_sel: torch.Tensor | None = None
 
     def start_batch(self, attention_mask: torch.Tensor) -> None:
         """Begin a batch with a ``[batch, seq]`` mask; layers must then be fed in order."""
         self.sink = sink_index(attention_mask)
         self.candidates = candidate_mask(attention_mask, self.sink)
-        self.prev_h: torch.Tensor | None = None
-        self.prev_sel: torch.Tensor | None = None
+        self.prev_h = None
+        self.prev_sel = None
         self.n_rows += attention_mask.shape[0]
         self.n_tokens += int(self.candidates.sum())
         m = self.candidates.sum(dim=1).double()
@@ -219,15 +236,10 @@ def collect_sink_statistics(
             acc.add_layer(idx, args[0], output)
 
         handles.append(norm.register_forward_hook(hook))
-    device = model_device(model)
     try:
         for batch in iter_progress(batches, "sink profile", progress):
             acc.start_batch(batch.attention_mask)
-            model(
-                input_ids=batch.input_ids.to(device),
-                attention_mask=batch.attention_mask.to(device),
-                use_cache=False,
-            )
+            run_decoder(model, batch)
     finally:
         for handle in handles:
             handle.remove()
