@@ -306,6 +306,11 @@ def test_cli_flags_override_the_preset():
     assert s.speed.contexts == (512, 1024) and s.speed.batches == (1, 8) and s.speed.repeats == 5
     assert s.speed.dtypes == ("float32", "bfloat16")
     assert settings_from_args(parser().parse_args(["--quality-only", "--full"])).speed is None
+    q = settings_from_args(parser().parse_args("--calib 2x128 --ppl 4x256 --gen 3x16 --cloze 7 --passkey 300,600".split()))
+    assert (q.calib_windows, q.calib_window, q.ppl_windows, q.ppl_window) == (2, 128, 4, 256)
+    assert (q.gen_prompts, q.gen_tokens, q.cloze_items, q.passkey_lengths) == (3, 16, 7, (300, 600))
+    with pytest.raises(SystemExit):
+        parser().parse_args(["--ppl", "8by512"])
     with pytest.raises(ValueError):
         settings_from_args(parser().parse_args(["--methods", "dense,bogus"]))
 

@@ -32,6 +32,15 @@ def _ints(text: str) -> tuple[int, ...]:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from err
 
 
+def _shape(text: str) -> tuple[int, int]:
+    parts = text.lower().split("x")
+    try:
+        n, length = (int(x) for x in parts)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(f"expected NxLENGTH such as 8x512, got {text!r}") from err
+    return n, length
+
+
 def _names(text: str) -> tuple[str, ...]:
     return tuple(x.strip() for x in text.split(",") if x.strip())
 
@@ -49,6 +58,13 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--default-plan", action="store_true", help="OrthoRank layers from the data-free default plan")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
     p.add_argument("--quality-dtype", choices=tuple(DTYPES), help="dtype of the quality part")
+    q = p.add_argument_group("quality workloads")
+    q.add_argument("--calib", type=_shape, help="calibration windows NxLENGTH (calib split), e.g. 4x256")
+    q.add_argument("--ppl", type=_shape, help="perplexity windows NxLENGTH (eval split), e.g. 8x512")
+    q.add_argument("--cloze", type=int, help="number of last-word cloze items")
+    q.add_argument("--gen", type=_shape, help="greedy generations PROMPTSxNEW_TOKENS, e.g. 8x64")
+    q.add_argument("--passkey", type=_ints, help="passkey context lengths, e.g. 1024,4096,8192")
+    q.add_argument("--passkey-trials", type=int, help="passkey prompts per length")
     part = p.add_mutually_exclusive_group()
     part.add_argument("--speed-only", action="store_true")
     part.add_argument("--quality-only", action="store_true")
@@ -76,6 +92,14 @@ def settings_from_args(args: argparse.Namespace) -> BenchSettings:
         "model": args.model, "text": args.text, "out": args.out, "name": args.name, "methods": args.methods,
         "sparsities": args.sparsity, "threads": args.threads, "quality_dtype": args.quality_dtype,
     }.items() if v is not None}
+    for flag, (count, length) in (("calib", ("calib_windows", "calib_window")), ("ppl", ("ppl_windows", "ppl_window")),
+                                  ("gen", ("gen_prompts", "gen_tokens"))):
+        value = getattr(args, flag)
+        if value is not None:
+            top[count], top[length] = value
+    for flag, name in (("cloze", "cloze_items"), ("passkey", "passkey_lengths"), ("passkey_trials", "passkey_trials")):
+        if getattr(args, flag) is not None:
+            top[name] = getattr(args, flag)
     if args.default_plan:
         top["calibrated"] = False
     if args.speed_only:
