@@ -353,6 +353,9 @@ def test_report_writes_json_csv_plots_and_summary(tmp_path):
     assert "| orthorank | 0.2 (0.200) | 12.00 |" in table
     assert "1.25× (1.20×)" in table
     assert not math.isnan(results.speed[-1].speedup)
+    results.profile = {"x": [{"keep_ratio": 1.0, "total_ms": 2.0, "other_ms": 1.0, "parts_ms": {"mlp": 0.5}},
+                             {"keep_ratio": 0.5, "total_ms": 1.0, "other_ms": 0.2, "parts_ms": {"mlp": 0.25}}]}
+    assert "profile x: dense layers 2.00 ms (mlp 0.50, attention+select 1.00); selection layers 1.00 ms" in summary_table(results)
 
 
 def test_flop_ideal_agrees_with_plan_flops_fraction_on_full_forwards():
@@ -373,3 +376,15 @@ def test_speed_shapes_respect_the_token_cap():
         SpeedSettings(contexts=(512,), batches=(8,), max_tokens=100)
     args = parser().parse_args(["--max-tokens", "0"])
     assert settings_from_args(args).speed.max_tokens is None
+
+
+def test_layer_profile_covers_every_layer_and_part():
+    from orthorank.bench.profile import PARTS, layer_profile, profile_table
+
+    torch.set_num_threads(1)
+    model = tiny_model(layers=3)
+    profiles = layer_profile(model, torch.randint(3, VOCAB, (1, 12)), layers_plan(3, [1], 0.5), repeats=1)
+    assert [p.keep_ratio for p in profiles] == [1.0, 0.5, 1.0]
+    assert all(set(p.parts_ms) == set(PARTS) and p.total_ms > 0 for p in profiles)
+    assert profiles[1].parts_ms["k_proj"] > 0 and not orthorank.is_patched(model)
+    assert profile_table(profiles).count("\n") == 4

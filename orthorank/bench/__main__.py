@@ -80,6 +80,7 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--decode-steps", type=int, help="decode steps per repeat (0 skips decode)")
     s.add_argument("--decode-context", type=int)
     s.add_argument("--max-tokens", type=int, help="skip prefill shapes above BATCH*CONTEXT tokens (0: no cap)")
+    s.add_argument("--profile", action="store_true", help="also profile the layers of dense and OrthoRank (per-layer ms)")
     s.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
     p.add_argument("-v", "--verbose", action="store_true", help="log INFO messages")
     return p
@@ -115,6 +116,8 @@ def settings_from_args(args: argparse.Namespace) -> BenchSettings:
         }.items() if v is not None}
         if args.max_tokens is not None:
             fields["max_tokens"] = args.max_tokens or None
+        if args.profile:
+            fields["profile"] = True
         if args.no_memory:
             fields["memory"] = False
         speed = dataclasses.replace(speed, **fields)

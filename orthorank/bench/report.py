@@ -61,6 +61,8 @@ class BenchResults:
     quality: list[QualityRow] = field(default_factory=list)
     speed: list[SpeedRow] = field(default_factory=list)
     plans: dict[str, Any] = field(default_factory=dict)
+    #: per-layer prefill profiles by method label (see :mod:`orthorank.bench.profile`)
+    profile: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
 
     @classmethod
     def start(cls, settings: Any, model: Any) -> "BenchResults":
@@ -93,6 +95,7 @@ class BenchResults:
             "quality": [r.to_dict() for r in self.quality],
             "speed": [r.to_dict() for r in self.speed],
             "plans": self.plans,
+            "profile": self.profile,
         }
 
     def write(self, folder: str | Path) -> list[Path]:
@@ -179,4 +182,18 @@ def summary_table(results: BenchResults) -> str:
     if results.speed:
         parts += ["", "Speed-up over dense, median of repeats, methods interleaved: measured (FLOP ideal)",
                   speed_table(results.speed)]
+    for label, layers in results.profile.items():
+        parts.append(profile_line(label, layers))
     return "\n".join(parts)
+
+
+def profile_line(label: str, layers: list[dict[str, Any]]) -> str:
+    """Mean per-layer milliseconds of dense and selection layers in one profile."""
+    out = []
+    for kind, rows in (("dense layers", [r for r in layers if r["keep_ratio"] == 1.0]),
+                       ("selection layers", [r for r in layers if 0.0 < r["keep_ratio"] < 1.0])):
+        if rows:
+            mean = lambda key: sum(r[key] for r in rows) / len(rows)  # noqa: E731
+            mlp = sum(r["parts_ms"]["mlp"] for r in rows) / len(rows)
+            out.append(f"{kind} {mean('total_ms'):.2f} ms (mlp {mlp:.2f}, attention+select {mean('other_ms'):.2f})")
+    return f"profile {label}: " + "; ".join(out)

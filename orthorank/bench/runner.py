@@ -175,6 +175,26 @@ def measure_speed(model: nn.Module, methods: dict[str, Plan | None], sp: SpeedSe
     return rows
 
 
+def measure_profile(model: nn.Module, methods: dict[str, Plan | None], sp: SpeedSettings,
+                    windows: Callable[[int, int], torch.Tensor]) -> dict[str, list[dict[str, Any]]]:
+    """Per-layer profiles of ``dense`` and the first OrthoRank plan (first dtype, batch 1, largest context)."""
+    from .profile import layer_profile, profile_table
+
+    label = next((k for k in methods if k.startswith("orthorank@") and k != "orthorank@0"), None)
+    original = next(model.parameters()).dtype
+    model.to(torch_dtype(sp.dtypes[0]))
+    try:
+        ids = windows(1, max(sp.contexts))
+        out = {}
+        for name in ["dense"] + ([label] if label else []):
+            profiles = layer_profile(model, ids, methods[name], repeats=sp.repeats)
+            logger.info("profile of %s:\n%s", name, profile_table(profiles))
+            out[name] = [p.to_dict() for p in profiles]
+        return out
+    finally:
+        model.to(original)
+
+
 def run(settings: BenchSettings) -> tuple[BenchResults, Path]:
     """Run the benchmark described by ``settings``; write results under ``settings.out``."""
     s = settings
@@ -198,6 +218,8 @@ def run(settings: BenchSettings) -> tuple[BenchResults, Path]:
             return data.token_windows(tokenizer, eval_texts, context, batch)
 
         results.speed = measure_speed(model, methods, s.speed, windows)
+        if s.speed.profile:
+            results.profile = measure_profile(model, methods, s.speed, windows)
     results.finish()
     results.write(folder)
     return results, folder

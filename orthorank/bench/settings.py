@@ -47,6 +47,8 @@ class SpeedSettings:
     decode_context: int = 512
     #: peak tensor memory of one prefill per method at the largest timed shape
     memory: bool = True
+    #: per-layer time profile of dense and the first OrthoRank plan (batch 1, largest context)
+    profile: bool = False
     #: skip prefill shapes with batch x context above this many tokens (None: no cap)
     max_tokens: int | None = None
 
