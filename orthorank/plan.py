@@ -76,6 +76,10 @@ class Plan:
     def is_dense(self) -> bool:
         return all(r == 1.0 for r in self.keep_ratios)
 
+    def flops_fraction(self, config: Any, seq_len: int, *, include_head: bool = True) -> float:
+        """Estimated share of a dense forward's FLOPs that this plan skips (see :func:`flops_fraction`)."""
+        return flops_fraction(self, config, seq_len, include_head=include_head)
+
     def check_model(self, num_layers: int, model_type: str | None) -> None:
         """Raise a ValueError if this plan was made for a model of another shape or type."""
         if num_layers != self.num_layers:
@@ -121,15 +125,27 @@ class Plan:
         Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
 
     @classmethod
-    def load(cls, path: str | Path) -> "Plan":
-        return cls.from_dict(json.loads(Path(path).read_text()))
+    def load(cls, path: str | Path, *, model: Any = None) -> "Plan":
+        """Read a plan saved by :meth:`save`; with ``model``, also check it fits that model.
+
+        Raises:
+            ValueError: not a plan, an unsupported version, or (with ``model``) a plan made for
+                another number of layers or model type.
+        """
+        plan = cls.from_dict(json.loads(Path(path).read_text()))
+        if model is not None:
+            config = getattr(model, "config", model)
+            plan.check_model(int(config.num_hidden_layers), getattr(config, "model_type", None))
+        return plan
 
     def __str__(self) -> str:
         sel = ", ".join(f"{i}:{self.keep_ratios[i]:.3g}" for i in self.selection_layers) or "none"
         removed = ", ".join(map(str, self.removed_layers)) or "none"
+        flops = self.meta.get("flops_saved")
+        flops_text = f"; est. FLOPs saved {100 * flops:.1f}% at {self.meta.get('flops_seq_len')} tokens" if flops else ""
         return (
             f"Plan({self.method}, {self.selector}, {self.num_layers} layers, sparsity {self.sparsity:.3f}; "
-            f"selection layers (layer:keep) {sel}; removed layers {removed})"
+            f"selection layers (layer:keep) {sel}; removed layers {removed}{flops_text})"
         )
 
 
@@ -191,3 +207,39 @@ def default_plan(
     layers = list(range(num_layers - 1 - n, num_layers - 1))
     plan = layers_plan(num_layers, layers, keep_ratio, selector=selector, model_type=model_type, method="default")
     return plan
+
+
+def _dims(config: Any) -> tuple[int, int, int, int, int, int]:
+    """``(hidden, intermediate, q width, k/v width, vocab, layers)`` of a Llama-shaped config."""
+    config = getattr(config, "config", config)
+    try:
+        hidden = int(config.hidden_size)
+        heads = int(config.num_attention_heads)
+        kv_heads = int(getattr(config, "num_key_value_heads", None) or heads)
+        head_dim = int(getattr(config, "head_dim", None) or hidden // heads)
+        return hidden, int(config.intermediate_size), heads * head_dim, kv_heads * head_dim, int(config.vocab_size), int(
+            config.num_hidden_layers
+        )
+    except AttributeError as err:
+        raise TypeError(f"config must be a Llama-shaped transformers config (or a model); {err}") from err
+
+
+def flops_fraction(plan: Plan, config: Any, seq_len: int, *, include_head: bool = True) -> float:
+    """Estimated share of a dense forward's FLOPs (one ``seq_len``-token row) that ``plan`` skips.
+
+    Counts matrix multiplications (2 FLOPs per multiply-add). Per layer and token: q and o
+    projections, k and v projections, the gated MLP, and causal attention over on average
+    ``(seq_len + 1) / 2`` keys. A selection layer with keep ratio ``r`` still computes K/V for every
+    token and the rest for a share ``r``; a removed layer costs nothing. With ``include_head`` the
+    dense total includes the output embedding (the LM head), which no plan skips.
+    """
+    if isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len < 1:
+        raise ValueError(f"seq_len must be a positive int, got {seq_len!r}")
+    hidden, inter, q_width, kv_width, vocab, layers = _dims(config)
+    if layers != plan.num_layers:
+        raise ValueError(f"the plan has {plan.num_layers} layers but the config has {layers}")
+    kv = 2 * 2 * hidden * kv_width
+    rest = 2 * 2 * hidden * q_width + 3 * 2 * hidden * inter + 2 * 2 * q_width * (seq_len + 1) / 2
+    dense = layers * (kv + rest) + (2 * hidden * vocab if include_head else 0)
+    skipped = sum(kv + rest if r == 0.0 else (1.0 - r) * rest for r in plan.keep_ratios)
+    return skipped / dense

@@ -1,0 +1,197 @@
+"""Calibrated plans: a greedy search, in the manner of SLEB, for the layers that select tokens.
+
+Each round tries, for every eligible layer, the next lower keep ratio among ``levels`` (with the
+paper's ``levels=(1, 1/3)``: turning a dense layer into a selection layer), scores each candidate
+by the calibration loss with the real selective layers active, and keeps the candidate that costs
+the least loss per unit of sparsity gained. It stops when no step brings the plan's sparsity
+closer to the target. Hidden states before the changed layer are reused from one recorded pass of
+the round's parent plan (:class:`orthorank.runner.LossRunner`).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .config import DEFAULT_KEEP_RATIO, SELECTORS, check_choice, check_fraction
+from .metrics import perplexity
+from .plan import Plan
+from .runner import LossRunner
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["SearchConfig", "calibrate", "calibration_ids", "perplexity", "search_plan"]
+
+_TOL = 1e-9
+
+
+@dataclass(frozen=True)
+class SearchConfig:
+    """What a greedy plan search may do.
+
+    Attributes:
+        sparsity: target sparsity in [0, 1) (``Plan.sparsity``: mean of ``1 - keep_ratio``).
+        levels: keep ratios a layer may take, descending from 1.0 (e.g. ``(1.0, 1/3)``;
+            ``(1.0, 1/3, 0.0)`` also lets a layer be removed; ``(1.0, 2/3, 1/3)`` finer steps).
+        exclude: layers that stay dense (negative indices count from the end).
+        selector: how selection layers rank tokens, one of :data:`orthorank.config.SELECTORS`.
+        jumps: a step may skip intermediate levels (try every lower level, not just the next).
+    """
+
+    sparsity: float
+    levels: tuple[float, ...] = (1.0, DEFAULT_KEEP_RATIO)
+    exclude: tuple[int, ...] = (0, -1)
+    selector: str = "orthogonal"
+    jumps: bool = False
+
+    def __post_init__(self) -> None:
+        check_fraction("sparsity", self.sparsity, high_open=True)
+        levels = tuple(check_fraction(f"levels[{i}]", v) for i, v in enumerate(self.levels))
+        if len(levels) < 2 or levels[0] != 1.0 or any(a <= b for a, b in zip(levels, levels[1:])):
+            raise ValueError(f"levels must start at 1.0 and strictly decrease, e.g. (1.0, 1/3); got {self.levels}")
+        object.__setattr__(self, "levels", levels)
+        if any(isinstance(i, bool) or not isinstance(i, int) for i in self.exclude):
+            raise TypeError(f"exclude must be a sequence of layer indices (ints); got {self.exclude!r}")
+        object.__setattr__(self, "exclude", tuple(self.exclude))
+        check_choice("selector", self.selector, SELECTORS)
+
+    def eligible(self, num_layers: int) -> list[int]:
+        """Layers the search may change."""
+        for i in self.exclude:
+            if not -num_layers <= i < num_layers:
+                raise ValueError(f"exclude holds layer {i}, outside the model's {num_layers} layers")
+        excluded = {i % num_layers for i in self.exclude}
+        return [i for i in range(num_layers) if i not in excluded]
+
+
+def _steps(ratios: tuple[float, ...], layer: int, config: SearchConfig) -> list[float]:
+    lower = [v for v in config.levels if v < ratios[layer]]
+    return lower if config.jumps else lower[:1]
+
+
+def search_plan(
+    runner: LossRunner, config: SearchConfig, *, method: str = "calibrated", progress: bool = True
+) -> Plan:
+    """Greedy search from the dense plan to ``config.sparsity`` (see the module docstring).
+
+    Returns a plan whose ``meta`` records the search: rounds (layer, new keep ratio, loss), dense
+    and final loss, forward passes (full-forward equivalents over the calibration windows) and
+    seconds.
+    """
+    started = time.perf_counter()
+    n = runner.num_layers
+    eligible = config.eligible(n)
+    target = config.sparsity
+    current = Plan((1.0,) * n, selector=config.selector, model_type=runner.model_type, method=method)
+    parent = runner.record(current)
+    dense_loss = parent.loss
+    history: list[dict[str, Any]] = []
+    bar = tqdm(desc=f"{method} search", unit="cand", disable=not progress)
+    while True:
+        gap = abs(current.sparsity - target)
+        candidates = []
+        for layer in eligible:
+            for ratio in _steps(current.keep_ratios, layer, config):
+                ratios = list(current.keep_ratios)
+                ratios[layer] = ratio
+                plan = Plan(tuple(ratios), config.selector, runner.model_type, method)
+                if abs(plan.sparsity - target) < gap - _TOL:
+                    candidates.append((layer, ratio, plan))
+        if not candidates:
+            break
+        bar.total = (bar.total or 0) + len(candidates)
+        scored = []
+        for layer, ratio, plan in candidates:
+            loss = runner.loss(plan, parent)
+            gained = plan.sparsity - current.sparsity
+            scored.append(((loss - parent.loss) / gained, layer, -ratio, loss, plan))
+            bar.update()
+        cost, layer, neg_ratio, loss, current = min(scored, key=lambda t: t[:3])
+        history.append({"layer": layer, "keep_ratio": -neg_ratio, "loss": round(loss, 6)})
+        logger.info("round %d: layer %d -> keep %.3g, loss %.4f", len(history), layer, -neg_ratio, loss)
+        bar.set_postfix(layer=layer, loss=f"{loss:.4f}")
+        parent = runner.record(current)
+    bar.close()
+    meta = {
+        "levels": [round(v, 6) for v in config.levels],
+        "exclude": list(config.exclude),
+        "jumps": config.jumps,
+        "calib_windows": runner.ids.shape[0],
+        "calib_seq_len": runner.ids.shape[1],
+        "calib_tokens": runner.ids.numel(),
+        "dense_loss": round(dense_loss, 6),
+        "final_loss": round(parent.loss, 6),
+        "rounds": history,
+        "forward_passes": round(runner.cost.forward_passes, 2),
+        "seconds": round(time.perf_counter() - started, 1),
+    }
+    return Plan(current.keep_ratios, config.selector, runner.model_type, method, meta)
+
+
+def calibration_ids(
+    tokenizer: Any, texts_or_ids: Sequence[str] | torch.Tensor, *, window: int, n_windows: int | None
+) -> torch.Tensor:
+    """``[n, seq]`` token ids: ``texts_or_ids`` itself if it is a tensor, else windows cut from texts."""
+    if isinstance(texts_or_ids, torch.Tensor):
+        return texts_or_ids
+    if tokenizer is None:
+        raise TypeError("calibrating on texts needs a tokenizer; pass one, or token ids [n, seq] as a LongTensor")
+    from .data import token_windows
+
+    return token_windows(tokenizer, list(texts_or_ids), window, n_windows)
+
+
+def calibrate(
+    model: nn.Module,
+    tokenizer: Any,
+    texts_or_ids: Sequence[str] | torch.Tensor,
+    sparsity: float,
+    *,
+    keep_ratio: float = DEFAULT_KEEP_RATIO,
+    levels: Sequence[float] | None = None,
+    exclude: Sequence[int] = (0, -1),
+    selector: str = "orthogonal",
+    jumps: bool = False,
+    window: int = 512,
+    n_windows: int | None = 2,
+    batch_size: int = 1,
+    progress: bool = True,
+) -> Plan:
+    """Search the plan of ``model`` at ``sparsity`` on calibration text (see the module docstring).
+
+    Args:
+        tokenizer: used when ``texts_or_ids`` are strings (``None`` with token ids).
+        texts_or_ids: documents (cut into ``n_windows`` windows of ``window`` tokens) or a LongTensor
+            ``[n, seq]`` of token ids (used as given).
+        sparsity: target sparsity; the result is the closest the levels reach (``plan.sparsity``).
+        keep_ratio: keep ratio of selection layers when ``levels`` is not given
+            (``levels = (1.0, keep_ratio)``).
+        levels, exclude, selector, jumps: see :class:`SearchConfig`.
+        batch_size: windows per forward pass.
+        progress: show a progress bar.
+
+    Returns:
+        A :class:`orthorank.Plan` with ``method="calibrated"`` and the search cost in ``meta``.
+    """
+    keep_ratio = check_fraction("keep_ratio", keep_ratio, low_open=False, high_open=True)
+    config = SearchConfig(
+        sparsity=sparsity,
+        levels=tuple(levels) if levels is not None else (1.0, keep_ratio),
+        exclude=tuple(exclude),
+        selector=selector,
+        jumps=jumps,
+    )
+    ids = calibration_ids(tokenizer, texts_or_ids, window=window, n_windows=n_windows)
+    runner = LossRunner(model, ids, batch_size=batch_size)
+    plan = search_plan(runner, config, progress=progress)
+    seq = ids.shape[1]
+    plan.meta.update(flops_saved=round(plan.flops_fraction(model.config, seq), 4), flops_seq_len=seq)
+    logger.info("orthorank: calibrated %s", plan)
+    return plan

@@ -1,0 +1,119 @@
+"""Calibrated plans: the loss runner, the greedy search, and bad input."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import orthorank
+from orthorank.calibration import SearchConfig, calibrate
+from orthorank.metrics import mean_nll
+from orthorank.runner import LossRunner
+
+from conftest import tiny_model, tiny_tokenizer
+
+CHEAP = 3  # the layer made near-identity
+
+
+def cheap_layer_model(layers: int = 6, arch: str = "llama") -> torch.nn.Module:
+    """A model with large enough weights that every layer matters, except layer CHEAP whose
+    attention and MLP outputs are zero (so skipping it, or any of its tokens, changes nothing)."""
+    model = tiny_model(arch, layers=layers, initializer_range=0.2)
+    with torch.no_grad():
+        model.model.layers[CHEAP].self_attn.o_proj.weight.zero_()
+        model.model.layers[CHEAP].mlp.down_proj.weight.zero_()
+    return model
+
+
+def sampled_ids(model: torch.nn.Module, rows: int = 4, seq: int = 32) -> torch.Tensor:
+    """Text the model itself finds likely: any change to the model raises its loss on it."""
+    torch.manual_seed(0)
+    with torch.no_grad():
+        return model.generate(
+            torch.full((rows, 1), 5), do_sample=True, top_k=0, max_new_tokens=seq - 1, min_new_tokens=seq - 1,
+            pad_token_id=0,
+        )
+
+
+@pytest.mark.parametrize("arch", ["llama", "mistral"])
+def test_runner_loss_matches_patched_model_with_and_without_reuse(arch):
+    model = tiny_model(arch, layers=6)
+    ids = torch.randint(3, 97, (3, 20), generator=torch.Generator().manual_seed(0))
+    runner = LossRunner(model, ids, batch_size=2)
+    dense = runner.record(orthorank.Plan((1.0,) * 6))
+    assert dense.loss == pytest.approx(mean_nll(model, ids), rel=1e-6)
+    plan = orthorank.Plan((1.0, 1.0, 1 / 3, 0.0, 0.5, 1.0))
+    with orthorank.patched(model, plan=plan):
+        expected = mean_nll(model, ids)
+    assert runner.loss(plan) == pytest.approx(expected, rel=1e-6)
+    before = runner.cost.layer_calls
+    assert runner.loss(plan, dense) == pytest.approx(expected, rel=1e-6)
+    assert runner.cost.layer_calls - before == 3 * 4  # layers 2..5 only, 3 windows
+    assert not orthorank.is_patched(model)
+
+
+def test_search_picks_the_cheapest_layer_and_is_deterministic():
+    model = cheap_layer_model()
+    ids = sampled_ids(model)
+    plan = calibrate(model, None, ids, sparsity=(2 / 3) / 6, progress=False)
+    assert plan.selection_layers == [CHEAP]
+    assert plan.sparsity == pytest.approx((2 / 3) / 6)
+    assert plan.meta["final_loss"] == pytest.approx(plan.meta["dense_loss"], abs=1e-5)
+    assert plan.method == "calibrated" and plan.model_type == "llama"
+    assert plan.meta["calib_tokens"] == ids.numel() and plan.meta["forward_passes"] > 1
+    assert plan.meta["seconds"] >= 0 and 0 < plan.meta["flops_saved"] < plan.sparsity
+    again = calibrate(model, None, ids, sparsity=(2 / 3) / 6, progress=False, batch_size=3)
+    assert again.keep_ratios == plan.keep_ratios
+
+
+def test_hybrid_search_removes_the_cheapest_layer():
+    model = cheap_layer_model()
+    ids = sampled_ids(model)
+    plan = calibrate(model, None, ids, sparsity=1 / 6, levels=(1.0, 1 / 3, 0.0), jumps=True, progress=False)
+    assert plan.removed_layers == [CHEAP] and plan.selection_layers == []
+
+
+def test_search_respects_exclusions_and_rounds_to_the_closest_sparsity():
+    model = cheap_layer_model()
+    ids = sampled_ids(model, rows=2, seq=16)
+    plan = calibrate(model, None, ids, sparsity=0.25, exclude=(0, CHEAP, -1), progress=False)
+    # 0.25 * 6 / (2/3) = 2.25 -> 2 selection layers, never 0, CHEAP or 5
+    assert len(plan.selection_layers) == 2 and not {0, CHEAP, 5} & set(plan.selection_layers)
+    assert sorted(r["layer"] for r in plan.meta["rounds"]) == plan.selection_layers
+
+
+def test_calibrate_on_texts_with_a_tokenizer():
+    model = cheap_layer_model()
+    texts = [" ".join(f"w{3 + (i * 7 + j) % 90}" for j in range(40)) for i in range(3)]
+    plan = calibrate(model, tiny_tokenizer(), texts, sparsity=0.1, window=16, n_windows=4, progress=False)
+    assert plan.meta["calib_windows"] == 4 and plan.meta["calib_seq_len"] == 16
+    assert len(plan.selection_layers) == 1
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, match",
+    [
+        ({"sparsity": 1.0}, ValueError, "sparsity"),
+        ({"sparsity": 0.2, "levels": (0.5, 0.2)}, ValueError, "levels"),
+        ({"sparsity": 0.2, "levels": (1.0, 0.5, 0.7)}, ValueError, "levels"),
+        ({"sparsity": 0.2, "selector": "best"}, ValueError, "orthogonal"),
+        ({"sparsity": 0.2, "exclude": (0, 9)}, ValueError, "exclude"),
+        ({"sparsity": 0.2, "exclude": ("first",)}, TypeError, "exclude"),
+        ({"sparsity": 0.2, "batch_size": 0}, ValueError, "batch_size"),
+    ],
+)
+def test_bad_input_refused(kwargs, error, match):
+    model = tiny_model(layers=4)
+    ids = torch.randint(3, 97, (1, 8))
+    with pytest.raises(error, match=match):
+        calibrate(model, None, ids, progress=False, **kwargs)
+
+
+def test_texts_without_tokenizer_refused():
+    with pytest.raises(TypeError, match="tokenizer"):
+        calibrate(tiny_model(layers=2), None, ["some text"], sparsity=0.1, progress=False)
+
+
+def test_search_config_eligible_layers():
+    assert SearchConfig(0.1).eligible(5) == [1, 2, 3]
+    assert SearchConfig(0.1, exclude=()).eligible(3) == [0, 1, 2]
