@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import sys
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -16,10 +17,47 @@ from typing import Any
 import torch
 from torch import nn
 import transformers
+from packaging.version import Version
 
 logger = logging.getLogger(__name__)
 
 TRANSFORMERS_VERSION: str = transformers.__version__
+
+#: The transformers releases orthorank is tested with (the oldest and the newest in CI).
+SUPPORTED_TRANSFORMERS = ">=5.0,<6"
+
+
+def check_transformers_version(version: str) -> None:
+    """Refuse releases before 5.0.0 (4.x decoder layers return tuples, other cache and mask
+    plumbing; 5.0 pre-releases are untested); warn on a major release newer than the tested range."""
+    if Version(version) < Version("5.0.0"):
+        raise ImportError(
+            f"orthorank needs transformers{SUPPORTED_TRANSFORMERS}, found {version}: transformers 4.x "
+            "decoder layers return tuples and take other cache arguments. "
+            f"Upgrade with: pip install 'transformers{SUPPORTED_TRANSFORMERS}'"
+        )
+    if Version(version).major >= 6:
+        warnings.warn(
+            f"orthorank is tested with transformers{SUPPORTED_TRANSFORMERS}, found {version}; "
+            "patched models may fail or differ from the dense model",
+            stacklevel=3,
+        )
+
+
+def _cache_update_style(version: str) -> str:
+    """How the attention of this release writes K/V: ``cache.update(k, v, layer_idx, ...)`` with
+    ``cache_kwargs`` (``{"sin", "cos", "cache_position"}``, up to 5.3), with nothing more (5.4 to
+    5.23, caches count positions themselves), or with ``kwargs=`` the layer's kwargs (5.24 on)."""
+    release = Version(version).release
+    if release < (5, 4):
+        return "cache_kwargs"
+    if release < (5, 24):
+        return "plain"
+    return "layer_kwargs"
+
+
+check_transformers_version(TRANSFORMERS_VERSION)
+CACHE_UPDATE: str = _cache_update_style(TRANSFORMERS_VERSION)
 
 
 @dataclass(frozen=True)
@@ -193,11 +231,16 @@ def sliding_window(attn: nn.Module) -> int | None:
 def update_cache(
     cache: Any, key: torch.Tensor, value: torch.Tensor, layer_idx: int, layer_kwargs: dict[str, Any]
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Write ``key``/``value`` ``[batch, kv_heads, seq, head_dim]`` through the model's own cache.
+    """Write ``key``/``value`` ``[batch, kv_heads, seq, head_dim]`` through the model's own cache,
+    with the arguments the installed release's attention passes (see :data:`CACHE_UPDATE`).
 
     Returns the full keys/values of the layer (past and new), as the model's attention sees them.
     """
-    cache_kwargs = {}
-    if layer_kwargs.get("cache_position") is not None:
-        cache_kwargs["cache_position"] = layer_kwargs["cache_position"]
-    return cache.update(key, value, layer_idx, cache_kwargs)
+    if CACHE_UPDATE == "cache_kwargs":
+        cos, sin = layer_kwargs.get("position_embeddings") or (None, None)
+        cache_kwargs = {"sin": sin, "cos": cos, "cache_position": layer_kwargs.get("cache_position")}
+        return cache.update(key, value, layer_idx, cache_kwargs)
+    if CACHE_UPDATE == "layer_kwargs":
+        named = ("position_embeddings", "attention_mask", *CACHE_KWARGS)  # the attention's own parameters
+        return cache.update(key, value, layer_idx, kwargs={k: v for k, v in layer_kwargs.items() if k not in named})
+    return cache.update(key, value, layer_idx)
