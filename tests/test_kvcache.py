@@ -72,13 +72,23 @@ def test_separators_need_ids_and_reject_them_elsewhere() -> None:
 
 # ------------------------------------------------------------------------------------- kernels
 def test_select_keep_evicts_lowest_priority_oldest_first() -> None:
-    prio = torch.tensor([[0, 5, 2, 2, 9, 1], [0, 1, 2, 3, 4, 5]])
-    protected = torch.tensor([[True, False, False, False, False, True], [True, True, False, False, False, False]])
-    keep = select_keep(prio, protected, 2)
-    # row 0: candidates prio 5,2,2,9 -> evict the two 2s (indices 2, 3); row 1: evict indices 2, 3 (oldest)
-    assert keep.tolist() == [[0, 1, 4, 5], [0, 1, 4, 5]]
-    with pytest.raises(RuntimeError, match="not protected"):
-        select_keep(prio, torch.ones_like(protected), 1)
+    prio = torch.tensor([[5, 2, 2, 9], [1, 2, 3, 4]])
+    # row 0: evict the two 2s (columns 1, 2); row 1: evict the two oldest (columns 0, 1)
+    assert select_keep(prio, 2).tolist() == [[0, 3], [2, 3]]
+    assert select_keep(prio, 0).tolist() == [[0, 1, 2, 3]] * 2
+    with pytest.raises(ValueError, match="evictable"):
+        select_keep(prio, 5)
+
+
+def test_protected_tokens_are_the_first_and_last_stored() -> None:
+    layer = _layer("milestone", 8, n_sink=2, window=3, protect_prompt=True)
+    keys = one_hot_keys(20)
+    layer.update(keys[:, :, :4], keys[:, :, :4].clone())
+    assert layer.protected_counts() == (4, 0)  # prompt 4 tokens fills the head
+    for t in range(4, 20):
+        _decode(layer, keys[:, :, t : t + 1], torch.zeros(1, 1, 1, 8))
+    assert layer.protected_counts() == (4, 3)
+    assert layer.positions[0, :4].tolist() == [0, 1, 2, 3] and layer.positions[0, -3:].tolist() == [17, 18, 19]
 
 
 def test_page_priority_and_eviction_count() -> None:
@@ -192,6 +202,19 @@ def test_unlimited_budget_equals_dynamic_cache_in_generate(arch: str, policy: st
     for a, b in zip(out.logits, ref.logits):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
     assert cache.stats()["evicted"] == 0 and cache.get_seq_length() == 7 + 15
+
+
+def test_beam_search_reorders_the_extra_state() -> None:
+    model = tiny_model()
+    prompt = ids(6)
+    ref = model.generate(prompt, max_new_tokens=8, num_beams=3, do_sample=False, cache=DynamicCache(config=model.config))
+    out = model.generate(prompt, max_new_tokens=8, num_beams=3, do_sample=False, cache=BudgetCache(model, 64, "milestone"))
+    assert torch.equal(out, ref)
+    small = BudgetCache(model, 12, "milestone", n_sink=2, window=4)
+    model.generate(prompt, max_new_tokens=16, num_beams=3, do_sample=False, cache=small)
+    positions = small.layers[0].positions
+    assert positions.shape == (3, 12) and bool((positions.diff(dim=1) > 0).all())
+    assert positions[:, :6].tolist() == [list(range(6))] * 3  # the protected prompt, in every beam
 
 
 def streaming_mask(length: int, prompt: int, budget: int, n_sink: int, chunk: int) -> torch.Tensor:

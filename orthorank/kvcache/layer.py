@@ -13,6 +13,21 @@ from .policies import SEPARATOR_BONUS, BudgetConfig, attention_hits, eviction_co
 logger = logging.getLogger(__name__)
 
 
+def _take(states: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """``states[b, h, index[b], :]`` for ``states`` ``[B, H, S, D]`` and ``index`` ``[B, S']``.
+
+    Done as one ``index_select`` on the flattened tensor, several times faster on CPU than
+    ``gather`` with an expanded index or advanced indexing of a 4-D tensor.
+    """
+    bsz, heads, length, dim = states.shape
+    if bsz == 1:
+        flat = index[0]
+        return states.reshape(heads, length, dim).index_select(1, flat).view(1, heads, -1, dim)
+    offsets = torch.arange(bsz * heads, device=index.device).view(bsz, heads, 1) * length
+    flat = (index[:, None, :] + offsets).reshape(-1)
+    return states.reshape(bsz * heads * length, dim).index_select(0, flat).view(bsz, heads, -1, dim)
+
+
 class BudgetLayer(CacheLayerMixin):
     """K/V of one decoder layer, kept within ``config.budget`` tokens between forward passes.
 
@@ -107,8 +122,11 @@ class BudgetLayer(CacheLayerMixin):
             else:
                 with torch.no_grad():
                     hits = attention_hits(query, keys, scaling, cfg.top_fraction, cfg.head_reduce)  # [B, T, S+T]
-                    stamp = torch.where(hits, new_pos[:, :, None], -1).amax(dim=1)  # [B, S+T]
-                priorities = torch.maximum(priorities, stamp)
+                    if t_new == 1:  # the query's position exceeds every timestamp: just overwrite
+                        priorities = torch.where(hits[:, 0], new_pos, priorities)
+                    else:
+                        stamp = torch.where(hits, new_pos[:, :, None], -1).amax(dim=1)  # [B, S+T]
+                        priorities = torch.maximum(priorities, stamp)
 
         self.keys, self.values, self.positions, self.priorities = keys, values, positions, priorities
         if cfg.evicts:
@@ -124,39 +142,48 @@ class BudgetLayer(CacheLayerMixin):
                     f"recent window ({cfg.window}); raise the budget or use protect_prompt=False"
                 )
 
-    def protected_mask(self) -> torch.Tensor:
-        """``[B, S]`` bool: stored tokens the policy never evicts (sink, recent window, prompt)."""
+    def protected_counts(self) -> tuple[int, int]:
+        """``(head, tail)``: the first ``head`` and last ``tail`` stored tokens are never evicted.
+
+        The head is the sink (and, for ``milestone`` with ``protect_prompt``, the prompt), the tail
+        the recent window. Protected tokens are never evicted, so they are always stored, and
+        storage is in position order: they are exactly the first ``head`` and the last ``tail``.
+        """
         cfg = self.config
-        pos = self.positions
-        keep = (pos < cfg.n_sink) | (pos >= self.cumulative_length - cfg.window)
+        stored = self.stored_length
+        head = cfg.n_sink
         if cfg.policy == "milestone" and cfg.protect_prompt:
-            keep |= pos < (self.prompt_length or 0)
-        return keep
+            head = max(head, self.prompt_length or 0)
+        head = min(head, stored)
+        return head, min(cfg.window, stored - head)
 
     def _evict(self) -> None:
         cfg = self.config
         stored = self.stored_length
         if stored <= cfg.budget:
             return
-        protected = self.protected_mask()
-        n_protected = int(protected.sum(-1).max())
-        n_evict = eviction_count(stored, cfg.budget, n_protected, cfg.page_size)
+        head, tail = self.protected_counts()
+        n_evict = eviction_count(stored, cfg.budget, head + tail, cfg.page_size)
         if n_evict <= 0:
             return
-        prio = page_priority(self.priorities, self.positions, cfg.page_size)
-        keep = select_keep(prio, protected, n_evict)  # [B, S - n_evict]
-        self._gather(keep)
+        prio = page_priority(self.priorities, self.positions, cfg.page_size)[:, head : stored - tail]
+        middle = select_keep(prio, n_evict) + head  # [B, M - n_evict]
+        bsz = middle.shape[0]
+        index = torch.cat(
+            [
+                torch.arange(head, device=self.device).expand(bsz, head),
+                middle,
+                torch.arange(stored - tail, stored, device=self.device).expand(bsz, tail),
+            ],
+            dim=1,
+        )
+        self._gather(index)
         self.evicted += n_evict
 
     def _gather(self, index: torch.Tensor) -> None:
         """Keep the stored tokens at ``index`` (``[B, S']`` long) in every row."""
-        if index.shape[0] == 1:  # one row: a plain index_select is much faster than gather
-            self.keys = self.keys.index_select(2, index[0])
-            self.values = self.values.index_select(2, index[0])
-        else:
-            kv_index = index[:, None, :, None]
-            self.keys = self.keys.gather(2, kv_index.expand(-1, self.keys.shape[1], -1, self.keys.shape[-1]))
-            self.values = self.values.gather(2, kv_index.expand(-1, self.values.shape[1], -1, self.values.shape[-1]))
+        self.keys = _take(self.keys, index)
+        self.values = _take(self.values, index)
         self.positions = self.positions.gather(1, index)
         self.priorities = self.priorities.gather(1, index)
 

@@ -37,9 +37,6 @@ SEPARATOR_BONUS = 1 << 40
 #: Characters a token must consist of (after stripping whitespace) to count as a separator.
 SEPARATOR_CHARS = frozenset(".,;:!?")
 
-_PROTECTED = torch.iinfo(torch.long).max
-
-
 @dataclass(frozen=True)
 class BudgetConfig:
     """Parameters of a budgeted cache, validated on creation.
@@ -161,27 +158,22 @@ def eviction_count(stored: int, budget: int, n_protected: int, page_size: int) -
     return min(rounded, stored - n_protected)
 
 
-def select_keep(prio: torch.Tensor, protected: torch.Tensor, n_evict: int) -> torch.Tensor:
+def select_keep(prio: torch.Tensor, n_evict: int) -> torch.Tensor:
     """Indices of the tokens that survive evicting the ``n_evict`` lowest-priority ones per row.
 
     Tokens must be stored in increasing position order; ties in priority are broken toward
-    evicting the older token (stable sort). Protected tokens are never evicted.
+    evicting the older token (stable sort).
 
     Args:
-        prio: ``[B, S]`` long priorities (already page-reduced if paging).
-        protected: ``[B, S]`` bool.
-        n_evict: tokens to evict per row, at most the unprotected count of every row.
+        prio: ``[B, M]`` long priorities of the evictable tokens (already page-reduced if paging).
+        n_evict: tokens to evict per row, ``0 <= n_evict <= M``.
 
     Returns:
-        ``[B, S - n_evict]`` long indices into the stored tokens, increasing (order preserved).
+        ``[B, M - n_evict]`` long indices into ``prio``'s columns, increasing (order preserved).
     """
-    if n_evict <= 0:
-        return torch.arange(prio.shape[-1], device=prio.device).expand(prio.shape[0], -1)
-    unprotected = (~protected).sum(-1)
-    if bool((unprotected < n_evict).any()):
-        raise RuntimeError(f"cannot evict {n_evict} tokens: only {int(unprotected.min())} are not protected")
-    effective = prio.masked_fill(protected, _PROTECTED)
-    order = torch.sort(effective, dim=-1, stable=True).indices
+    if not 0 <= n_evict <= prio.shape[-1]:
+        raise ValueError(f"cannot evict {n_evict} of {prio.shape[-1]} evictable tokens")
+    order = torch.sort(prio, dim=-1, stable=True).indices
     return order[:, n_evict:].sort(dim=-1).values
 
 
