@@ -27,7 +27,7 @@ from .runner import LossRunner
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["SearchConfig", "calibrate", "calibration_ids", "perplexity", "search_plan"]
+__all__ = ["SearchConfig", "calibrate", "calibration_ids", "perplexity", "plan_at_round", "search_plan"]
 
 _TOL = 1e-9
 
@@ -43,6 +43,8 @@ class SearchConfig:
         exclude: layers that stay dense (negative indices count from the end).
         selector: how selection layers rank tokens, one of :data:`orthorank.config.SELECTORS`.
         jumps: a step may skip intermediate levels (try every lower level, not just the next).
+        shortlist: after the first round, re-score only this many candidates, those with the
+            lowest cost in the previous round (``None``: every candidate, every round).
     """
 
     sparsity: float
@@ -50,8 +52,13 @@ class SearchConfig:
     exclude: tuple[int, ...] = (0, -1)
     selector: str = "orthogonal"
     jumps: bool = False
+    shortlist: int | None = None
 
     def __post_init__(self) -> None:
+        if self.shortlist is not None and (
+            isinstance(self.shortlist, bool) or not isinstance(self.shortlist, int) or self.shortlist < 1
+        ):
+            raise ValueError(f"shortlist must be a positive int or None, got {self.shortlist!r}")
         check_fraction("sparsity", self.sparsity, high_open=True)
         levels = tuple(check_fraction(f"levels[{i}]", v) for i, v in enumerate(self.levels))
         if len(levels) < 2 or levels[0] != 1.0 or any(a <= b for a, b in zip(levels, levels[1:])):
@@ -93,6 +100,7 @@ def search_plan(
     parent = runner.record(current)
     dense_loss = parent.loss
     history: list[dict[str, Any]] = []
+    last_cost: dict[tuple[int, float], float] = {}
     bar = tqdm(desc=f"{method} search", unit="cand", disable=not progress)
     while True:
         gap = abs(current.sparsity - target)
@@ -106,12 +114,16 @@ def search_plan(
                     candidates.append((layer, ratio, plan))
         if not candidates:
             break
+        if config.shortlist is not None and last_cost:
+            candidates.sort(key=lambda c: (last_cost.get((c[0], c[1]), float("-inf")), c[0]))
+            candidates = candidates[: config.shortlist]
         bar.total = (bar.total or 0) + len(candidates)
         scored = []
         for layer, ratio, plan in candidates:
             loss = runner.loss(plan, parent)
             gained = plan.sparsity - current.sparsity
             scored.append(((loss - parent.loss) / gained, layer, -ratio, loss, plan))
+            last_cost[(layer, ratio)] = scored[-1][0]
             bar.update()
         cost, layer, neg_ratio, loss, current = min(scored, key=lambda t: t[:3])
         history.append({"layer": layer, "keep_ratio": -neg_ratio, "loss": round(loss, 6)})
@@ -123,6 +135,7 @@ def search_plan(
         "levels": [round(v, 6) for v in config.levels],
         "exclude": list(config.exclude),
         "jumps": config.jumps,
+        "shortlist": config.shortlist,
         "calib_windows": runner.ids.shape[0],
         "calib_seq_len": runner.ids.shape[1],
         "calib_tokens": runner.ids.numel(),
@@ -133,6 +146,24 @@ def search_plan(
         "seconds": round(time.perf_counter() - started, 1),
     }
     return Plan(current.keep_ratios, config.selector, runner.model_type, method, meta)
+
+
+def plan_at_round(plan: Plan, rounds: int) -> Plan:
+    """The plan a search had after its first ``rounds`` rounds (from ``plan.meta["rounds"]``).
+
+    A greedy search to a higher sparsity passes through the plans it would return for lower
+    targets, so one search gives a whole sparsity sweep.
+    """
+    history = plan.meta.get("rounds")
+    if not isinstance(history, list) or not 0 <= rounds <= len(history):
+        raise ValueError(f"rounds must be in [0, {len(history) if isinstance(history, list) else 0}] for this plan")
+    ratios = [1.0] * plan.num_layers
+    for step in history[:rounds]:
+        ratios[step["layer"]] = step["keep_ratio"]
+    meta = {**plan.meta, "rounds": history[:rounds]}
+    meta["final_loss"] = history[rounds - 1]["loss"] if rounds else meta.get("dense_loss")
+    meta.pop("flops_saved", None)
+    return Plan(tuple(ratios), plan.selector, plan.model_type, plan.method, meta)
 
 
 def calibration_ids(
@@ -159,6 +190,7 @@ def calibrate(
     exclude: Sequence[int] = (0, -1),
     selector: str = "orthogonal",
     jumps: bool = False,
+    shortlist: int | None = None,
     window: int = 512,
     n_windows: int | None = 2,
     batch_size: int = 1,
@@ -187,6 +219,7 @@ def calibrate(
         exclude=tuple(exclude),
         selector=selector,
         jumps=jumps,
+        shortlist=shortlist,
     )
     ids = calibration_ids(tokenizer, texts_or_ids, window=window, n_windows=n_windows)
     runner = LossRunner(model, ids, batch_size=batch_size)
@@ -195,3 +228,36 @@ def calibrate(
     plan.meta.update(flops_saved=round(plan.flops_fraction(model.config, seq), 4), flops_seq_len=seq)
     logger.info("orthorank: calibrated %s", plan)
     return plan
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """``python -m orthorank.calibration``: calibrate a model on wiki text and save the plan."""
+    import argparse
+
+    from .data import load_model, wiki_texts
+
+    p = argparse.ArgumentParser(prog="python -m orthorank.calibration", description=main.__doc__)
+    p.add_argument("--model", default=None, help="HF id or folder (default: the embedded SmolLM2-135M)")
+    p.add_argument("--sparsity", type=float, default=0.2)
+    p.add_argument("--keep-ratio", type=float, default=DEFAULT_KEEP_RATIO)
+    p.add_argument("--windows", type=int, default=2, help="calibration windows")
+    p.add_argument("--window", type=int, default=512, help="tokens per calibration window")
+    p.add_argument("--shortlist", type=int, default=None)
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16")
+    p.add_argument("--out", default="plan.json")
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model, tokenizer = load_model(args.model, dtype=getattr(torch, args.dtype))
+    plan = calibrate(
+        model, tokenizer, wiki_texts("calib"), args.sparsity, keep_ratio=args.keep_ratio,
+        window=args.window, n_windows=args.windows, shortlist=args.shortlist,
+    )
+    plan.save(args.out)
+    print(plan)
+    print(f"cost: {plan.meta['forward_passes']} forward passes, {plan.meta['seconds']} s; saved to {args.out}")
+
+
+if __name__ == "__main__":
+    main()

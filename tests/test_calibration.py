@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import orthorank
-from orthorank.calibration import SearchConfig, calibrate
+from orthorank.calibration import SearchConfig, calibrate, plan_at_round
 from orthorank.metrics import mean_nll
 from orthorank.runner import LossRunner
 
@@ -117,3 +117,27 @@ def test_texts_without_tokenizer_refused():
 def test_search_config_eligible_layers():
     assert SearchConfig(0.1).eligible(5) == [1, 2, 3]
     assert SearchConfig(0.1, exclude=()).eligible(3) == [0, 1, 2]
+
+
+def test_prefix_of_a_longer_search_is_the_shorter_search():
+    model = cheap_layer_model()
+    ids = sampled_ids(model, rows=2, seq=16)
+    long = calibrate(model, None, ids, sparsity=3 * (2 / 3) / 6, progress=False)
+    short = calibrate(model, None, ids, sparsity=(2 / 3) / 6, progress=False)
+    assert len(long.selection_layers) == 3
+    assert plan_at_round(long, 1).keep_ratios == short.keep_ratios
+    assert plan_at_round(long, 3).keep_ratios == long.keep_ratios
+    assert plan_at_round(long, 0).is_dense
+    with pytest.raises(ValueError, match="rounds"):
+        plan_at_round(long, 4)
+
+
+def test_shortlist_limits_later_rounds():
+    model = cheap_layer_model()
+    ids = sampled_ids(model, rows=2, seq=16)
+    full = calibrate(model, None, ids, sparsity=2 * (2 / 3) / 6, progress=False)
+    short = calibrate(model, None, ids, sparsity=2 * (2 / 3) / 6, shortlist=1, progress=False)
+    assert CHEAP in short.selection_layers and len(short.selection_layers) == 2
+    assert short.meta["forward_passes"] < full.meta["forward_passes"]
+    with pytest.raises(ValueError, match="shortlist"):
+        SearchConfig(0.1, shortlist=0)
