@@ -92,7 +92,9 @@ def test_flops_fraction_known_values():
 def test_default_plan_sparsity_and_limits():
     plan = default_plan(30, 0.2)
     assert len(plan.selection_layers) == 9 and plan.sparsity == pytest.approx(0.2)
-    assert 0 not in plan.selection_layers and 29 not in plan.selection_layers
+    assert plan.selection_layers == list(range(10, 19))  # a block centred in the middle
+    assert default_plan(12, 0.2).selection_layers == [4, 5, 6, 7]
+    assert default_plan(6, 0.44).selection_layers == [1, 2, 3, 4]  # never the first or last layer
     with pytest.raises(ValueError, match="sparsity"):
         default_plan(6, 0.9)
 
