@@ -25,16 +25,16 @@ TRANSFORMERS_VERSION: str = transformers.__version__
 
 #: The transformers releases orthorank is tested with (the oldest and the newest in CI).
 SUPPORTED_TRANSFORMERS = ">=5.0,<6"
+OLDEST_TESTED = "5.0.0"
 
 
 def check_transformers_version(version: str) -> None:
-    """Refuse releases before 5.0.0 (4.x decoder layers return tuples, other cache and mask
-    plumbing; 5.0 pre-releases are untested); warn on a major release newer than the tested range."""
+    """Refuse releases before 5.0.0 (untested: CI covers the oldest and the newest 5.x release);
+    warn on a major release newer than the tested range."""
     if Version(version) < Version("5.0.0"):
         raise ImportError(
-            f"orthorank needs transformers{SUPPORTED_TRANSFORMERS}, found {version}: transformers 4.x "
-            "decoder layers return tuples and take other cache arguments. "
-            f"Upgrade with: pip install 'transformers{SUPPORTED_TRANSFORMERS}'"
+            f"orthorank needs transformers{SUPPORTED_TRANSFORMERS} (CI tests {OLDEST_TESTED} and the newest 5.x), "
+            f"found {version}. Upgrade with: pip install 'transformers{SUPPORTED_TRANSFORMERS}'"
         )
     if Version(version).major >= 6:
         warnings.warn(

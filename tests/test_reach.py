@@ -216,8 +216,14 @@ def _check_offloaded(model, ids, mask, dense, patched):
         assert not isinstance(layer.__dict__.get("forward"), SelectiveForward)
 
 
-@pytest.mark.parametrize("how", ["cpu_offload", "disk_offload", "dispatch_cpu", "dispatch_disk"])
-@pytest.mark.parametrize("arch", ["llama", "qwen3"])
+HOOKS = ["cpu_offload", "disk_offload", "dispatch_cpu", "dispatch_disk"]
+
+
+@pytest.mark.parametrize(
+    ("arch", "how"),
+    [("llama", how) for how in HOOKS] + [("qwen3", how) for how in HOOKS]
+    + [("mistral", "dispatch_disk"), ("qwen2", "dispatch_disk")],
+)
 def test_accelerate_hooks_give_the_in_memory_result(arch, how, tmp_path):
     ids, mask, dense, patched = _reference(arch)
     model = tiny_model(arch)
