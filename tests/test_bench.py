@@ -349,6 +349,8 @@ def test_report_writes_json_csv_plots_and_summary(tmp_path):
     data = json.loads((tmp_path / "results.json").read_text())
     assert data["quality"][1]["perplexity"] == 12.0
     assert (tmp_path / "quality.csv").read_text().splitlines()[0].endswith("passkey_256")
+    again = BenchResults.load(tmp_path)
+    assert again.to_dict() == json.loads(json.dumps(results.to_dict()))
     table = summary_table(results)
     assert "| orthorank | 0.2 (0.200) | 12.00 |" in table
     assert "1.25× (1.20×)" in table

@@ -82,6 +82,7 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--max-tokens", type=int, help="skip prefill shapes above BATCH*CONTEXT tokens (0: no cap)")
     s.add_argument("--profile", action="store_true", help="also profile the layers of dense and OrthoRank (per-layer ms)")
     s.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
+    p.add_argument("--replot", metavar="FOLDER", help="only redraw plots, CSV and summary of FOLDER/results.json")
     p.add_argument("-v", "--verbose", action="store_true", help="log INFO messages")
     return p
 
@@ -127,6 +128,13 @@ def settings_from_args(args: argparse.Namespace) -> BenchSettings:
 def main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    if args.replot:
+        from .report import BenchResults, summary_table
+
+        results = BenchResults.load(args.replot)
+        results.write(args.replot)
+        print(summary_table(results))
+        return 0
     try:
         settings = settings_from_args(args)
     except (ValueError, TypeError) as err:

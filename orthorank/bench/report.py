@@ -86,6 +86,23 @@ class BenchResults:
             pass
         return cls(meta=meta)
 
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "BenchResults":
+        """Inverse of :meth:`to_dict` (e.g. to redraw the plots of a ``results.json``)."""
+        return cls(
+            meta=dict(data.get("meta") or {}),
+            quality=[QualityRow(**row) for row in data.get("quality") or []],
+            speed=[SpeedRow(**row) for row in data.get("speed") or []],
+            plans=dict(data.get("plans") or {}),
+            profile=dict(data.get("profile") or {}),
+        )
+
+    @classmethod
+    def load(cls, path: str | Path) -> "BenchResults":
+        """Read a ``results.json`` (or the folder holding one)."""
+        path = Path(path)
+        return cls.from_dict(json.loads((path / "results.json" if path.is_dir() else path).read_text()))
+
     def finish(self) -> None:
         self.meta["finished"] = time.strftime("%Y-%m-%d %H:%M:%S")
 
