@@ -166,7 +166,7 @@ class SelectiveForward:
         keep_last: bool,
         context: ForwardContext,
         spec: compat.ArchSpec,
-        generator: torch.Generator | None = None,
+        seed: int = 0,
     ) -> None:
         self.layer = layer
         self.attn = layer.self_attn
@@ -177,7 +177,8 @@ class SelectiveForward:
         self.context = context
         self.q_norm = getattr(self.attn, "q_norm", None) if spec.qk_norm else None
         self.k_norm = getattr(self.attn, "k_norm", None) if spec.qk_norm else None
-        self.generator = generator
+        self.seed = seed
+        self._generators: dict[torch.device, torch.Generator] = {}
         self.stats = LayerStats()
         #: the forward this one replaced; set by :func:`compat.install_forward`'s caller
         self.original: Callable[..., Any] = layer.forward
@@ -205,8 +206,16 @@ class SelectiveForward:
             key, value = compat.update_cache(cache, key, value, attn.layer_idx, kwargs)
         return key, value
 
+    def _generator(self, device: torch.device) -> torch.Generator | None:
+        """The ``random`` selector's generator on ``device`` (made on first use, seeded)."""
+        if self.selector != "random":
+            return None
+        if device not in self._generators:
+            self._generators[device] = torch.Generator(device=device).manual_seed(self.seed)
+        return self._generators[device]
+
     def _choose(self, x: torch.Tensor, state: ForwardState) -> Selection | None:
-        scores = token_scores(x, state.sink, self.selector, self.generator)
+        scores = token_scores(x, state.sink, self.selector, self._generator(x.device))
         if self.keep_last:
             if state.last is None:
                 scores[:, -1] = -torch.inf

@@ -80,12 +80,6 @@ def _real_tokens(mask: Any, batch: int, seq: int) -> torch.Tensor | None:
     return None
 
 
-def _generator(layer: nn.Module, seed: int) -> torch.Generator:
-    device = next(layer.parameters()).device
-    device = torch.device("cpu") if device.type == "meta" else device
-    return torch.Generator(device=device).manual_seed(seed)
-
-
 def _make_plan(
     model: nn.Module,
     sparsity: float | None,
@@ -161,9 +155,8 @@ def patch(
         if ratio == 0.0:
             forward: SelectiveForward | RemovedForward = RemovedForward(layer)
         else:
-            generator = _generator(layer, seed + i) if new_plan.selector == "random" else None
             forward = SelectiveForward(
-                layer, ratio, new_plan.selector, decode, keep_last, handle.context, spec, generator
+                layer, ratio, new_plan.selector, decode, keep_last, handle.context, spec, seed=seed + i
             )
         forward.original = compat.install_forward(layer, forward)
         handle.forwards[i] = forward

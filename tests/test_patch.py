@@ -178,3 +178,14 @@ def test_unsupported_architecture_is_refused_by_name():
     model = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=50))
     with pytest.raises(TypeError, match="GPT2LMHeadModel.*llama, mistral"):
         orthorank.patch(model, sparsity=0.2)
+
+
+def test_random_selector_is_seeded():
+    model = tiny_model()
+    ids = torch.randint(3, 97, (2, 30))
+    runs = []
+    for seed in (0, 0, 1):
+        orthorank.patch(model, layers=[1, 2, 3], keep_ratio=0.3, selector="random", seed=seed)
+        runs.append(_logits(model, ids))
+    assert torch.equal(runs[0], runs[1])
+    assert not torch.equal(runs[0], runs[2])
