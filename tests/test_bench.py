@@ -320,9 +320,13 @@ def test_plan_cache_makes_once_and_reloads(tmp_path):
     calib = torch.randint(3, VOCAB, (2, 16))
     cache = PlanCache(tmp_path, None, calib)
     plan = cache.get("orthorank", model, 0.2, calibrated=False)
-    path = cache.path("orthorank", 0.2, calibrated=False)
-    assert path.is_file() and "orthorank-default" in path.name and "c2x16" in path.name
-    assert cache.get("orthorank", model, 0.2, calibrated=False) == plan
+    assert plan == orthorank.default_plan(6, 0.2, model_type="llama")
+    assert not cache.path("orthorank", 0.2, calibrated=False).exists()  # data-free plans are not cached
+    shortgpt = cache.get("shortgpt", model, 0.2)
+    path = cache.path("shortgpt", 0.2)
+    assert path.is_file() and "c2x16" in path.name and shortgpt.removed_layers
+    path.write_text(json.dumps({**shortgpt.to_dict(), "keep_ratios": [0.0] + [1.0] * 5}))
+    assert cache.get("shortgpt", model, 0.2).removed_layers == [0]  # read back from the cache
     rand = cache.get("random", model, 0.2, calibrated=False)
     assert rand.selector == "random" and rand.keep_ratios == plan.keep_ratios
     assert cache.get("dense", model, 0.2).is_dense

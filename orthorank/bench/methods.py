@@ -109,6 +109,8 @@ class PlanCache:
             return dense_plan(model)
         if method == "random":
             return random_plan(self.get("orthorank", model, sparsity, calibrated=calibrated))
+        if method == "orthorank" and not calibrated:  # data-free and cheap: never cached, never stale
+            return _make(method, model, self.calib_ids, sparsity, calibrated)
         path = self.path(method, sparsity, calibrated)
         if path.is_file():
             try:
