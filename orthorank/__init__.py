@@ -8,6 +8,7 @@
 
 from .compat import supported_model_types
 from .config import DECODE_POLICIES, DEFAULT_KEEP_RATIO, DEFAULT_SPARSITY, SELECTORS, PatchOptions
+from .kvcache import BudgetCache, BudgetConfig
 from .layer import LayerStats
 from .patch import get_plan, is_patched, layer_stats, patch, patched, unpatch
 from .plan import Plan, default_plan, layers_plan
@@ -15,6 +16,8 @@ from .plan import Plan, default_plan, layers_plan
 __version__ = "0.1.0"
 
 __all__ = [
+    "BudgetCache",
+    "BudgetConfig",
     "DECODE_POLICIES",
     "DEFAULT_KEEP_RATIO",
     "DEFAULT_SPARSITY",
