@@ -45,6 +45,7 @@ class SearchConfig:
         jumps: a step may skip intermediate levels (try every lower level, not just the next).
         shortlist: after the first round, re-score only this many candidates, those with the
             lowest cost in the previous round (``None``: every candidate, every round).
+            :func:`calibrate` uses 10.
     """
 
     sparsity: float
@@ -189,8 +190,8 @@ def calibrate(
     levels: Sequence[float] | None = None,
     exclude: Sequence[int] = (0, -1),
     selector: str = "orthogonal",
-    jumps: bool = False,
-    shortlist: int | None = None,
+    jumps: bool = True,
+    shortlist: int | None = 10,
     window: int = 512,
     n_windows: int | None = 2,
     batch_size: int = 1,
@@ -203,8 +204,11 @@ def calibrate(
         texts_or_ids: documents (cut into ``n_windows`` windows of ``window`` tokens) or a LongTensor
             ``[n, seq]`` of token ids (used as given).
         sparsity: target sparsity; the result is the closest the levels reach (``plan.sparsity``).
-        keep_ratio: keep ratio of selection layers when ``levels`` is not given
-            (``levels = (1.0, keep_ratio)``).
+        keep_ratio: keep ratio of selection layers when ``levels`` is not given. The default
+            levels are ``(1.0, keep_ratio, 0.0)`` with ``jumps``: each round a layer may become a
+            selection layer or be removed, whichever costs less loss per unit of sparsity (a
+            hybrid plan; measured best on SmolLM2, see the README). ``levels=(1.0, keep_ratio)``
+            with ``jumps=False`` is the paper's search (selection layers only).
         levels, exclude, selector, jumps: see :class:`SearchConfig`.
         batch_size: windows per forward pass.
         progress: show a progress bar.
@@ -215,7 +219,7 @@ def calibrate(
     keep_ratio = check_fraction("keep_ratio", keep_ratio, low_open=False, high_open=True)
     config = SearchConfig(
         sparsity=sparsity,
-        levels=tuple(levels) if levels is not None else (1.0, keep_ratio),
+        levels=tuple(levels) if levels is not None else (1.0, keep_ratio, 0.0),
         exclude=tuple(exclude),
         selector=selector,
         jumps=jumps,
@@ -242,7 +246,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--keep-ratio", type=float, default=DEFAULT_KEEP_RATIO)
     p.add_argument("--windows", type=int, default=2, help="calibration windows")
     p.add_argument("--window", type=int, default=512, help="tokens per calibration window")
-    p.add_argument("--shortlist", type=int, default=None)
+    p.add_argument("--shortlist", type=int, default=10)
+    p.add_argument("--selection-only", action="store_true", help="the paper's search: no removed layers")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16")
     p.add_argument("--out", default="plan.json")
@@ -253,6 +258,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     plan = calibrate(
         model, tokenizer, wiki_texts("calib"), args.sparsity, keep_ratio=args.keep_ratio,
         window=args.window, n_windows=args.windows, shortlist=args.shortlist,
+        levels=(1.0, args.keep_ratio) if args.selection_only else None, jumps=not args.selection_only,
     )
     plan.save(args.out)
     print(plan)

@@ -55,28 +55,29 @@ def test_runner_loss_matches_patched_model_with_and_without_reuse(arch):
 def test_search_picks_the_cheapest_layer_and_is_deterministic():
     model = cheap_layer_model()
     ids = sampled_ids(model)
-    plan = calibrate(model, None, ids, sparsity=(2 / 3) / 6, progress=False)
+    plan = calibrate(model, None, ids, sparsity=(2 / 3) / 6, levels=(1.0, 1 / 3), jumps=False, progress=False)
     assert plan.selection_layers == [CHEAP]
     assert plan.sparsity == pytest.approx((2 / 3) / 6)
     assert plan.meta["final_loss"] == pytest.approx(plan.meta["dense_loss"], abs=1e-5)
     assert plan.method == "calibrated" and plan.model_type == "llama"
     assert plan.meta["calib_tokens"] == ids.numel() and plan.meta["forward_passes"] > 1
     assert plan.meta["seconds"] >= 0 and 0 < plan.meta["flops_saved"] < plan.sparsity
-    again = calibrate(model, None, ids, sparsity=(2 / 3) / 6, progress=False, batch_size=3)
+    again = calibrate(model, None, ids, sparsity=(2 / 3) / 6, levels=(1.0, 1 / 3), progress=False, batch_size=3)
     assert again.keep_ratios == plan.keep_ratios
 
 
 def test_hybrid_search_removes_the_cheapest_layer():
     model = cheap_layer_model()
     ids = sampled_ids(model)
-    plan = calibrate(model, None, ids, sparsity=1 / 6, levels=(1.0, 1 / 3, 0.0), jumps=True, progress=False)
+    plan = calibrate(model, None, ids, sparsity=1 / 6, progress=False)  # default: hybrid levels with jumps
     assert plan.removed_layers == [CHEAP] and plan.selection_layers == []
+    assert plan.meta["levels"] == [1.0, 0.333333, 0.0] and plan.meta["jumps"] and plan.meta["shortlist"] == 10
 
 
 def test_search_respects_exclusions_and_rounds_to_the_closest_sparsity():
     model = cheap_layer_model()
     ids = sampled_ids(model, rows=2, seq=16)
-    plan = calibrate(model, None, ids, sparsity=0.25, exclude=(0, CHEAP, -1), progress=False)
+    plan = calibrate(model, None, ids, sparsity=0.25, exclude=(0, CHEAP, -1), levels=(1.0, 1 / 3), progress=False)
     # 0.25 * 6 / (2/3) = 2.25 -> 2 selection layers, never 0, CHEAP or 5
     assert len(plan.selection_layers) == 2 and not {0, CHEAP, 5} & set(plan.selection_layers)
     assert sorted(r["layer"] for r in plan.meta["rounds"]) == plan.selection_layers
@@ -87,7 +88,7 @@ def test_calibrate_on_texts_with_a_tokenizer():
     texts = [" ".join(f"w{3 + (i * 7 + j) % 90}" for j in range(40)) for i in range(3)]
     plan = calibrate(model, tiny_tokenizer(), texts, sparsity=0.1, window=16, n_windows=4, progress=False)
     assert plan.meta["calib_windows"] == 4 and plan.meta["calib_seq_len"] == 16
-    assert len(plan.selection_layers) == 1
+    assert plan.sparsity == pytest.approx(0.1, abs=1 / 18)  # the closest the default levels reach
 
 
 @pytest.mark.parametrize(
@@ -122,8 +123,8 @@ def test_search_config_eligible_layers():
 def test_prefix_of_a_longer_search_is_the_shorter_search():
     model = cheap_layer_model()
     ids = sampled_ids(model, rows=2, seq=16)
-    long = calibrate(model, None, ids, sparsity=3 * (2 / 3) / 6, progress=False)
-    short = calibrate(model, None, ids, sparsity=(2 / 3) / 6, progress=False)
+    long = calibrate(model, None, ids, sparsity=3 * (2 / 3) / 6, levels=(1.0, 1 / 3), progress=False)
+    short = calibrate(model, None, ids, sparsity=(2 / 3) / 6, levels=(1.0, 1 / 3), progress=False)
     assert len(long.selection_layers) == 3
     assert plan_at_round(long, 1).keep_ratios == short.keep_ratios
     assert plan_at_round(long, 3).keep_ratios == long.keep_ratios
@@ -135,8 +136,8 @@ def test_prefix_of_a_longer_search_is_the_shorter_search():
 def test_shortlist_limits_later_rounds():
     model = cheap_layer_model()
     ids = sampled_ids(model, rows=2, seq=16)
-    full = calibrate(model, None, ids, sparsity=2 * (2 / 3) / 6, progress=False)
-    short = calibrate(model, None, ids, sparsity=2 * (2 / 3) / 6, shortlist=1, progress=False)
+    full = calibrate(model, None, ids, sparsity=2 * (2 / 3) / 6, levels=(1.0, 1 / 3), shortlist=None, progress=False)
+    short = calibrate(model, None, ids, sparsity=2 * (2 / 3) / 6, levels=(1.0, 1 / 3), shortlist=1, progress=False)
     assert CHEAP in short.selection_layers and len(short.selection_layers) == 2
     assert short.meta["forward_passes"] < full.meta["forward_passes"]
     with pytest.raises(ValueError, match="shortlist"):

@@ -27,10 +27,10 @@ from orthorank.runner import LossRunner
 
 VARIANTS = {
     # name: (levels, jumps)
-    "orthorank": ((1.0, 1 / 3), False),
+    "orthorank": ((1.0, 1 / 3), False),  # the paper's search: selection layers only
     "orthorank-keep1/2": ((1.0, 1 / 2), False),
     "orthorank-fine": ((1.0, 2 / 3, 1 / 3), False),
-    "hybrid": ((1.0, 1 / 3, 0.0), True),
+    "hybrid": ((1.0, 1 / 3, 0.0), True),  # calibrate()'s default
 }
 
 
@@ -43,7 +43,8 @@ def parse() -> argparse.Namespace:
     p.add_argument("--shortlist", type=int, default=10)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16")
-    p.add_argument("--methods", nargs="+", default=["dense", "default", "orthorank", "shortgpt", "sleb"],
+    p.add_argument("--table-only", action="store_true", help="only write <out>/table.md from results.json")
+    p.add_argument("--methods", nargs="+", default=["dense", "default", "orthorank", "hybrid", "shortgpt", "sleb"],
                    help=f"among dense, default, shortgpt, sleb, {', '.join(VARIANTS)}")
     return p.parse_args()
 
@@ -56,6 +57,9 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     results_path = args.out / "results.json"
     results = json.loads(results_path.read_text()) if results_path.is_file() else {}
+    if args.table_only:
+        write_table(results, args.out / "table.md", args.sparsities)
+        return
     model, tok = load_model(None, dtype=getattr(torch, args.dtype))
     n = model.config.num_hidden_layers
     calib = token_windows(tok, wiki_texts("calib"), args.calib[1], args.calib[0])
@@ -103,11 +107,27 @@ def main() -> None:
             for s in args.sparsities:
                 prefix = _closest_prefix(full, s)
                 evaluate(f"{method}@{s}", prefix)
-                if method == "orthorank":
-                    evaluate(f"random@{s}", random_control(prefix))
+                if method in ("orthorank", "hybrid"):
+                    evaluate(f"{method}+random@{s}", random_control(prefix))
         else:
             raise SystemExit(f"unknown method {method!r}")
+    write_table(results, args.out / "table.md", args.sparsities)
     log.info("done: %s", json.dumps(results))
+
+
+def write_table(results: dict, path: Path, sparsities: list[float]) -> None:
+    """Markdown table: one row per method, ``ppl (achieved sparsity)`` per target sparsity."""
+    methods = sorted({k.split("@")[0] for k in results if "@" in k})
+    lines = [f"Setting: {results.get('setting', '?')}; dense perplexity {results.get('dense', {}).get('ppl', '?')}", "",
+             "| method | " + " | ".join(f"s={s}" for s in sparsities) + " |",
+             "|---|" + "---|" * len(sparsities)]
+    for m in methods:
+        cells = []
+        for s in sparsities:
+            r = results.get(f"{m}@{s}")
+            cells.append(f"{r['ppl']:.2f} ({r['sparsity']:.3f})" if r else "-")
+        lines.append(f"| {m} | " + " | ".join(cells) + " |")
+    path.write_text("\n".join(lines) + "\n")
 
 
 def _closest_prefix(plan: Plan, sparsity: float) -> Plan:
