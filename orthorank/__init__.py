@@ -6,10 +6,13 @@
     orthorank.unpatch(model)               # back to the exact dense model
 """
 
+from .baselines import random_control, shortgpt_plan, sleb_plan
+from .calibration import SearchConfig, calibrate, plan_at_round
 from .compat import supported_model_types
 from .config import DECODE_POLICIES, DEFAULT_KEEP_RATIO, DEFAULT_SPARSITY, SELECTORS, PatchOptions
 from .kvcache import BudgetCache, BudgetConfig
 from .layer import LayerStats
+from .metrics import perplexity
 from .patch import get_plan, is_patched, layer_stats, patch, patched, unpatch
 from .plan import Plan, default_plan, layers_plan
 
@@ -25,6 +28,8 @@ __all__ = [
     "PatchOptions",
     "Plan",
     "SELECTORS",
+    "SearchConfig",
+    "calibrate",
     "default_plan",
     "get_plan",
     "is_patched",
@@ -32,6 +37,11 @@ __all__ = [
     "layers_plan",
     "patch",
     "patched",
+    "perplexity",
+    "plan_at_round",
+    "random_control",
+    "shortgpt_plan",
+    "sleb_plan",
     "supported_model_types",
     "unpatch",
 ]

@@ -4,32 +4,22 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM
+from transformers import DynamicCache
 
 from orthorank.kvcache import POLICIES, BudgetCache, BudgetConfig, BudgetLayer, separator_ids
+from conftest import tiny_model as conftest_tiny_model
 from orthorank.kvcache.policies import attention_hits, eviction_count, page_priority, select_keep
 
 VOCAB = 96
 
 
 def tiny_model(arch: str = "llama", attn: str = "sdpa", seed: int = 0) -> torch.nn.Module:
-    torch.manual_seed(seed)
-    kwargs = dict(
-        vocab_size=VOCAB,
-        hidden_size=64,
-        intermediate_size=96,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        initializer_range=0.2,
+    """Two layers, no sliding window, larger initial weights (attention patterns that matter)."""
+    extra = {"sliding_window": None} if arch == "mistral" else {}
+    return conftest_tiny_model(
+        arch, attn, layers=2, seed=seed, vocab_size=VOCAB, intermediate_size=96,
+        max_position_embeddings=256, initializer_range=0.2, pad_token_id=None, **extra,
     )
-    if arch == "llama":
-        model = LlamaForCausalLM(LlamaConfig(**kwargs))
-    else:
-        model = MistralForCausalLM(MistralConfig(sliding_window=None, **kwargs))
-    model.config._attn_implementation = attn
-    return model.eval()
 
 
 def ids(length: int, batch: int = 1, seed: int = 1) -> torch.Tensor:

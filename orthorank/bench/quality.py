@@ -12,23 +12,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..metrics import check_batch_size, check_ids
 from .tasks import ClozeItem, PasskeyItem, encode_cloze, passkey_correct
 
 logger = logging.getLogger(__name__)
-
-
-def _check_ids(ids: Any, name: str = "ids") -> torch.Tensor:
-    if not isinstance(ids, torch.Tensor) or ids.dim() != 2 or ids.dtype != torch.long:
-        raise TypeError(f"{name} must be a LongTensor [n, seq]")
-    if ids.shape[1] < 2:
-        raise ValueError(f"{name} needs at least 2 tokens per row, got {ids.shape[1]}")
-    return ids
-
-
-def _check_batch_size(batch_size: int) -> int:
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
-    return batch_size
 
 
 def _device(model: nn.Module) -> torch.device:
@@ -66,7 +53,7 @@ def cloze_accuracy(
     """
     if not items:
         raise ValueError("items is empty")
-    batch_size = _check_batch_size(batch_size)
+    batch_size = check_batch_size(batch_size)
     base, head = _hidden_and_head(model)
     device = _device(model)
     encoded = sorted((encode_cloze(tokenizer, item, max_context_tokens) for item in items), key=lambda e: len(e[0]))
@@ -108,8 +95,8 @@ def greedy_continuations(
     Returns:
         LongTensor ``[n, new_tokens]`` on the CPU.
     """
-    prompts = _check_ids(prompts, "prompts")
-    batch_size = _check_batch_size(batch_size)
+    prompts = check_ids(prompts, "prompts")
+    batch_size = check_batch_size(batch_size)
     outputs = []
     for start in range(0, prompts.shape[0], batch_size):
         chunk = prompts[start : start + batch_size].to(_device(model))
