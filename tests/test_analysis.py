@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM
 
+from conftest import tiny_model as conftest_tiny_model
 from orthorank import analysis
 from orthorank.analysis import attention, inputs, saturation, sink
 from orthorank.analysis.__main__ import main as cli_main
@@ -20,24 +20,12 @@ LAYERS = 3
 
 
 def tiny_model(arch: str = "llama", seed: int = 0) -> torch.nn.Module:
-    torch.manual_seed(seed)
-    kwargs = dict(
-        vocab_size=VOCAB,
-        hidden_size=HIDDEN,
-        intermediate_size=16,
-        num_hidden_layers=LAYERS,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        head_dim=4,
-        max_position_embeddings=64,
-        tie_word_embeddings=False,
-        pad_token_id=0,
+    extra = {"sliding_window": None} if arch == "mistral" else {}
+    return conftest_tiny_model(
+        arch, "sdpa", layers=LAYERS, seed=seed, vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=16,
+        num_attention_heads=2, num_key_value_heads=1, head_dim=4, max_position_embeddings=64,
+        tie_word_embeddings=False, **extra,
     )
-    if arch == "llama":
-        model = LlamaForCausalLM(LlamaConfig(**kwargs, attn_implementation="sdpa"))
-    else:
-        model = MistralForCausalLM(MistralConfig(**kwargs, sliding_window=None, attn_implementation="sdpa"))
-    return model.eval()
 
 
 def make_identity_layers(model: torch.nn.Module) -> None:
