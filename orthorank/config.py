@@ -5,6 +5,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import torch
+
 #: How a selection layer ranks tokens. ``orthogonal`` is OrthoRank (smallest |cos| to the sink
 #: first); ``least_orthogonal`` is its reverse (an ablation); ``random`` is the control.
 SELECTORS: tuple[str, ...] = ("orthogonal", "least_orthogonal", "random")
@@ -57,6 +59,11 @@ def tokens_to_keep(keep_ratio: float, n_tokens: int) -> int:
     if n_tokens <= 1:
         return 0
     return min(n_tokens - 1, math.ceil(keep_ratio * n_tokens - 1e-9))
+
+
+def tokens_to_keep_per_row(keep_ratio: float, n_tokens: torch.Tensor) -> torch.Tensor:
+    """:func:`tokens_to_keep` for every row at once: ``n_tokens`` ``[batch]`` -> ``[batch]``."""
+    return torch.minimum(n_tokens - 1, torch.ceil(keep_ratio * n_tokens - 1e-9).long()).clamp_min(0)
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from . import compat
-from .config import tokens_to_keep
+from .config import tokens_to_keep, tokens_to_keep_per_row
 from .scoring import Selection, select_padded, select_uniform, token_scores
 
 logger = logging.getLogger(__name__)
@@ -227,8 +227,7 @@ class SelectiveForward:
         k = tokens_to_keep(self.keep_ratio, state.n_max)
         if k == 0:
             return None
-        n = state.n_real
-        keep = torch.minimum(n - 1, torch.ceil(self.keep_ratio * n - 1e-9).long()).clamp_min(0)
+        keep = tokens_to_keep_per_row(self.keep_ratio, state.n_real)
         return select_padded(scores, state.real, state.sink, keep, k)
 
     def select(self, hidden_states: torch.Tensor, state: ForwardState, kwargs: dict[str, Any]) -> torch.Tensor:
@@ -253,7 +252,6 @@ class SelectiveForward:
         if chosen.valid is not None:
             h = torch.where(chosen.valid.unsqueeze(-1), h, residual)
         return hidden_states.scatter(1, index.unsqueeze(-1).expand(-1, -1, h.shape[-1]), h)
-
 
     def _attend(
         self,

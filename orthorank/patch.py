@@ -178,6 +178,16 @@ def _handle(model: nn.Module) -> PatchHandle | None:
     return getattr(compat.base_model(model), _HANDLE, None)
 
 
+def forward_context(model: nn.Module) -> ForwardContext | None:
+    """The per-forward context shared by ``model``'s selection layers (``None`` if not patched).
+
+    Tools that call the decoder layers themselves (e.g. calibration reusing hidden states) set
+    ``context.state`` to describe their inputs.
+    """
+    handle = _handle(model)
+    return None if handle is None else handle.context
+
+
 def is_patched(model: nn.Module) -> bool:
     """Whether :func:`patch` is installed on ``model``."""
     return _handle(model) is not None

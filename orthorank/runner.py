@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from . import compat
-from .patch import _handle, patched
+from .patch import forward_context, patched
 from .layer import ForwardState
 from .metrics import check_batch_size, check_ids, head_nll
 from .plan import Plan
@@ -104,18 +104,18 @@ class LossRunner:
         out = Recording(plan=plan, loss=0.0)
         total = 0.0
         with patched(self.model, plan=plan):
-            handle = _handle(self.model)
+            context = forward_context(self.model)
             for c, chunk in enumerate(self._chunks):
                 kwargs = self._kwargs[c]
                 h = parent.inputs[c][start] if parent is not None else self.base.embed_tokens(chunk)
-                handle.context.state = ForwardState(chunk.shape[0], chunk.shape[1], "select", n_max=chunk.shape[1])
+                context.state = ForwardState(chunk.shape[0], chunk.shape[1], "select", n_max=chunk.shape[1])
                 saved = list(parent.inputs[c][:start]) if parent is not None else []
                 for i in range(start, self.num_layers):
                     if record:
                         saved.append(h)
                     h = self.layers[i](h, **kwargs)
                     self.cost.layer_calls += chunk.shape[0]
-                handle.context.state = None
+                context.state = None
                 if record:
                     out.inputs.append(saved)
                 total += float(head_nll(self.model, h, chunk).sum())
