@@ -94,6 +94,20 @@ def _threads() -> None:
     torch.set_num_threads(2)
 
 
+#: Self-calibration recipe of the tests: short windows, so that patch(sparsity=...) on a tiny
+#: model calibrates in well under a second.
+TINY_RECIPE = dict(windows=2, window=16)
+
+
+@pytest.fixture(autouse=True)
+def _plan_cache(tmp_path_factory, monkeypatch) -> None:
+    """Every test gets its own empty ORTHORANK_CACHE and the tiny self-calibration recipe."""
+    from orthorank import selfcalib
+
+    monkeypatch.setenv("ORTHORANK_CACHE", str(tmp_path_factory.mktemp("orthorank_cache")))
+    monkeypatch.setattr(selfcalib, "RECIPE", selfcalib.Recipe(**TINY_RECIPE))
+
+
 def tiny_tokenizer():
     """A word-level fast tokenizer over VOCAB ids: "<pad>", "<s>", "</s>", "w3" ... "w96"."""
     from tokenizers import Tokenizer, models, pre_tokenizers
