@@ -72,7 +72,7 @@ def ship_dir(tmp_path, monkeypatch) -> Path:
 
 
 def cache_files() -> list[Path]:
-    return sorted(Path(os.environ["ORTHORANK_CACHE"]).rglob("*.json"))
+    return sorted((Path(os.environ["ORTHORANK_CACHE"]) / "plans").rglob("*.json"))
 
 
 def known_search(extra_losses: list[float], layers: list[int], n: int = 6, dense: float = 2.0) -> orthorank.Plan:
