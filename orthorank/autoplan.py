@@ -13,6 +13,11 @@ selection step). :func:`budget_plan` uses that to answer a quality budget: it ta
 to :data:`BUDGET_MAX_SPARSITY` and the highest-sparsity round whose calibration perplexity rose
 at most that much. :func:`report_quality` logs a plan's expected perplexity increase and warns
 above :data:`QUALITY_WARNING`.
+
+Logging: a calibration (minutes on a CPU, then cached) is announced by one line at WARNING level
+on the ``orthorank.autoplan`` logger, because transformers users rarely configure logging and
+Python's last-resort handler prints only warnings and above; what it found in the shipped plans
+or the cache is logged at INFO. Progress bars (tqdm, ``progress=``) show the generation and search.
 """
 
 from __future__ import annotations
