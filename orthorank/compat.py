@@ -176,6 +176,14 @@ def find_cache(kwargs: dict[str, Any]) -> Any:
     return None
 
 
+def model_cache_kwarg(model: nn.Module) -> str:
+    """Name of the cache keyword of ``model``'s forward (``cache`` from 5.24, ``past_key_values`` before)."""
+    import inspect
+
+    params = inspect.signature(type(model).forward).parameters
+    return next((name for name in CACHE_KWARGS if name in params), CACHE_KWARGS[-1])
+
+
 def mask_tensor(mask: Any) -> Any:
     """The attention mask a base model was called with, as one tensor when it is a mapping.
 

@@ -20,7 +20,7 @@ from torch import nn
 from . import compat
 from .config import DEFAULT_KEEP_RATIO, DEFAULT_SPARSITY, PatchOptions, check_fraction
 from .layer import ForwardContext, ForwardState, LayerStats, RemovedForward, SelectiveForward
-from .plan import Plan, default_plan, layers_plan
+from .plan import Plan, layers_plan
 
 logger = logging.getLogger(__name__)
 
@@ -87,12 +87,21 @@ def _make_plan(
     keep_ratio: float,
     plan: Plan | None,
     selector: str,
+    max_ppl_increase: float | None = None,
+    cache: bool = True,
+    progress: bool = True,
 ) -> Plan:
     num_layers = len(compat.decoder_layers(model))
     model_type = model.config.model_type
-    given = [name for name, v in (("sparsity", sparsity), ("layers", layers), ("plan", plan)) if v is not None]
+    given = [
+        name
+        for name, v in (("sparsity", sparsity), ("layers", layers), ("plan", plan), ("max_ppl_increase", max_ppl_increase))
+        if v is not None
+    ]
     if len(given) > 1:
-        raise ValueError(f"give one of sparsity, layers or plan; got {', '.join(given)}")
+        raise ValueError(f"give one of sparsity, layers, plan or max_ppl_increase; got {', '.join(given)}")
+    if not isinstance(cache, bool):
+        raise TypeError(f"cache must be True or False, got {cache!r}")
     if plan is not None:
         if not isinstance(plan, Plan):
             raise TypeError(f"plan must be an orthorank.Plan, got {type(plan).__name__}")
@@ -102,10 +111,14 @@ def _make_plan(
         if isinstance(layers, (str, bytes)) or not isinstance(layers, Sequence):
             raise TypeError("layers must be a sequence of layer indices, e.g. [12, 15, 18]")
         return layers_plan(num_layers, list(layers), keep_ratio, selector=selector, model_type=model_type)
+    from . import autoplan  # imports the calibration machinery, which imports this module
+
+    if max_ppl_increase is not None:
+        return autoplan.budget_plan(model, max_ppl_increase, keep_ratio, selector, cache=cache, progress=progress)
     sparsity = DEFAULT_SPARSITY if sparsity is None else check_fraction("sparsity", sparsity, high_open=True)
     if sparsity == 0.0:
         return Plan((1.0,) * num_layers, selector=selector, model_type=model_type, method="dense")
-    return default_plan(num_layers, sparsity, keep_ratio, selector=selector, model_type=model_type)
+    return autoplan.resolve_plan(model, sparsity, keep_ratio, selector, cache=cache, progress=progress)
 
 
 def patch(
@@ -115,18 +128,25 @@ def patch(
     layers: Sequence[int] | None = None,
     keep_ratio: float = DEFAULT_KEEP_RATIO,
     plan: Plan | None = None,
+    max_ppl_increase: float | None = None,
     selector: str = "orthogonal",
     decode: str = "dense",
     keep_last: bool = True,
     seed: int = 0,
+    cache: bool = True,
+    progress: bool = True,
 ) -> nn.Module:
     """Install OrthoRank token selection on ``model`` (in place) and return it.
 
     Give at most one of:
-        sparsity: overall fraction of per-layer token updates to skip, in [0, 1) (default 0.2);
-            the layers come from :func:`orthorank.default_plan`.
+        sparsity: overall fraction of per-layer token updates to skip, in [0, 1) (default 0.2).
+            The plan is the one shipped with orthorank for this model, else the one in the plan
+            cache, else one calibrated now on text the model generates itself (then cached); see
+            :mod:`orthorank.autoplan`. ``0`` installs nothing.
         layers: explicit selection layers, each updating ``keep_ratio`` of the tokens.
         plan: a :class:`orthorank.Plan` (e.g. from :func:`orthorank.calibrate`).
+        max_ppl_increase: a quality budget (> 0; 0.1 = +10% perplexity): the highest sparsity
+            whose calibration perplexity rose at most that much (found like ``sparsity``).
 
     Args:
         keep_ratio: fraction of each row's tokens a selection layer updates, in (0, 1).
@@ -135,13 +155,27 @@ def patch(
         keep_last: always select each row's last token (its output is the next-token
             prediction); it takes one of the ``keep_ratio`` slots.
         seed: seed of the ``random`` selector.
+        cache: read and write the plan cache (``$ORTHORANK_CACHE/plans``) when calibrating.
+        progress: show progress bars when a plan is calibrated.
 
-    Patching a patched model replaces the previous patch. Undo with :func:`unpatch`.
+    A plan that records its calibration loss logs its expected perplexity increase, and one above
+    25% warns (``UserWarning``) naming a sparsity that stays under. Patching a patched model
+    replaces the previous patch (a calibration still measures the dense model). Undo with
+    :func:`unpatch`.
     """
     spec = compat.arch_spec(model)
     keep_ratio = check_fraction("keep_ratio", keep_ratio, low_open=True, high_open=True)
     options = PatchOptions(decode=decode, keep_last=keep_last, seed=seed)
-    new_plan = _make_plan(model, sparsity, layers, keep_ratio, plan, selector)
+    new_plan = _make_plan(model, sparsity, layers, keep_ratio, plan, selector, max_ppl_increase, cache, progress)
+    from .autoplan import report_quality
+
+    report_quality(new_plan, warn=max_ppl_increase is None, stacklevel=2)
+    _install(model, new_plan, options, spec)
+    return model
+
+
+def _install(model: nn.Module, new_plan: Plan, options: PatchOptions, spec: compat.ArchSpec) -> None:
+    """Replace any patch on ``model`` by ``new_plan`` (already checked against the model)."""
     if is_patched(model):
         logger.info("orthorank: replacing the previous patch")
         unpatch(model)
@@ -156,7 +190,8 @@ def patch(
             forward: SelectiveForward | RemovedForward = RemovedForward(layer)
         else:
             forward = SelectiveForward(
-                layer, ratio, new_plan.selector, decode, keep_last, handle.context, spec, seed=seed + i
+                layer, ratio, new_plan.selector, options.decode, options.keep_last, handle.context, spec,
+                seed=options.seed + i,
             )
         forward.original = compat.install_forward(layer, forward)
         handle.forwards[i] = forward
@@ -164,7 +199,6 @@ def patch(
         handle.hook = base.register_forward_pre_hook(_state_hook(handle.context), with_kwargs=True)
     setattr(base, _HANDLE, handle)
     logger.info("orthorank: %s", new_plan)
-    return model
 
 
 def _state_hook(context: ForwardContext) -> Any:
@@ -233,5 +267,4 @@ def patched(model: nn.Module, sparsity: float | None = None, **kwargs: Any) -> I
     finally:
         unpatch(model)
         if previous is not None:
-            o = previous.options
-            patch(model, plan=previous.plan, decode=o.decode, keep_last=o.keep_last, seed=o.seed)
+            _install(model, previous.plan, previous.options, compat.arch_spec(model))

@@ -76,6 +76,18 @@ class Plan:
     def is_dense(self) -> bool:
         return all(r == 1.0 for r in self.keep_ratios)
 
+    @property
+    def expected_ppl_increase(self) -> float | None:
+        """Relative perplexity increase on the calibration text, ``exp(final_loss - dense_loss) - 1``.
+
+        From ``meta["dense_loss"]`` and ``meta["final_loss"]`` (recorded by calibrated plans);
+        ``None`` when the plan does not record them (e.g. plans made from ``layers``).
+        """
+        dense, final = self.meta.get("dense_loss"), self.meta.get("final_loss")
+        if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (dense, final)):
+            return None
+        return math.expm1(final - dense)
+
     def flops_fraction(self, config: Any, seq_len: int, *, include_head: bool = True) -> float:
         """Estimated share of a dense forward's FLOPs that this plan skips (see :func:`flops_fraction`)."""
         return flops_fraction(self, config, seq_len, include_head=include_head)

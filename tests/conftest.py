@@ -94,6 +94,28 @@ def _threads() -> None:
     torch.set_num_threads(2)
 
 
+#: Self-calibration recipe of the tests: short windows, so that patch(sparsity=...) on a tiny
+#: model calibrates in well under a second.
+TINY_RECIPE = dict(windows=2, window=16)
+
+
+@pytest.fixture(autouse=True)
+def _plan_cache(tmp_path_factory, monkeypatch) -> None:
+    """Every test gets its own empty ORTHORANK_CACHE and the tiny self-calibration recipe.
+
+    An embedded model checkpoint already built in the real cache is linked in (read only), so
+    tests that load it do not rebuild it.
+    """
+    from orthorank import data, selfcalib
+
+    built = data.cache_root() / data.DEFAULT_MODEL
+    root = tmp_path_factory.mktemp("orthorank_cache")
+    if (built / "config.json").is_file():
+        (root / data.DEFAULT_MODEL).symlink_to(built, target_is_directory=True)
+    monkeypatch.setenv("ORTHORANK_CACHE", str(root))
+    monkeypatch.setattr(selfcalib, "RECIPE", selfcalib.Recipe(**TINY_RECIPE))
+
+
 def tiny_tokenizer():
     """A word-level fast tokenizer over VOCAB ids: "<pad>", "<s>", "</s>", "w3" ... "w96"."""
     from tokenizers import Tokenizer, models, pre_tokenizers

@@ -70,15 +70,15 @@ def test_patching_twice_replaces_and_context_manager_restores():
     assert torch.equal(_logits(model, ids), dense)
 
 
-def test_default_plan_reaches_the_requested_sparsity():
-    model = tiny_model(layers=12)
-    orthorank.patch(model, sparsity=0.2)
+def test_sparsity_gives_a_self_calibrated_plan_at_that_sparsity():
+    model = tiny_model()
+    orthorank.patch(model, sparsity=0.2, progress=False)
     plan = orthorank.get_plan(model)
-    assert len(plan.selection_layers) == round(0.2 * 12 / (2 / 3)) == 4
-    assert plan.selection_layers == [4, 5, 6, 7]  # the middle block (default_plan)
-    assert plan.sparsity == pytest.approx(4 * (2 / 3) / 12)
-    orthorank.patch(model)
-    assert orthorank.get_plan(model) == plan
+    assert plan.method == "calibrated" and plan.meta["source"] == "self-generated"
+    assert plan.sparsity == pytest.approx(2 * (2 / 3) / 6)  # the closest reachable to 0.2
+    assert len(plan.selection_layers) == 2 and 0 not in plan.selection_layers and 5 not in plan.selection_layers
+    orthorank.patch(model)  # the default sparsity is 0.2: the same plan, now from the cache
+    assert orthorank.get_plan(model) == plan and orthorank.get_plan(model).meta["origin"] == "cache"
 
 
 def test_generate_greedy_sample_beam_and_pipeline():
