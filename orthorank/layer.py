@@ -8,7 +8,10 @@ layer unchanged. So, token by token, ``out == where(selected, dense_layer(x), x)
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import logging
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -60,10 +63,49 @@ class ForwardState:
 
 
 class ForwardContext:
-    """Shared by all patched layers of one model; the base model's pre-hook sets ``state``."""
+    """Where the selection layers of one patched model find the state of the forward they run in.
+
+    The state is not stored on this object: it lives in a :class:`contextvars.ContextVar`, i.e. per
+    thread and per asyncio task, so concurrent forwards on one model never see each other's state
+    (no lock: they run in parallel). The base model's pre-hook pushes the state of its forward
+    (:meth:`enter`) and its forward hook pops it (:meth:`exit`), also when the forward raises; a
+    forward nested in another sees its own state, and the outer one gets its state back after it.
+    Threads start with an empty context (no state), which is right: each forward sets its own.
+    """
 
     def __init__(self) -> None:
-        self.state: ForwardState | None = None
+        #: a tuple, innermost forward last: immutable, so a context copy never shares a mutable stack
+        self._stack: contextvars.ContextVar[tuple[ForwardState | None, ...]] = contextvars.ContextVar(
+            f"orthorank_forward_state_{id(self):x}", default=()
+        )
+
+    @property
+    def state(self) -> ForwardState | None:
+        """The state of the innermost forward running in this thread / task (``None`` outside one)."""
+        stack = self._stack.get()
+        return stack[-1] if stack else None
+
+    @state.setter
+    def state(self, value: ForwardState | None) -> None:
+        """Replace the innermost state in this thread / task (for tools that drive layers directly)."""
+        self._stack.set(self._stack.get()[:-1] + (value,))
+
+    def enter(self, state: ForwardState | None) -> None:
+        """Start a forward described by ``state`` in this thread / task."""
+        self._stack.set(self._stack.get() + (state,))
+
+    def exit(self) -> None:
+        """End the innermost forward of this thread / task (its outer forward's state is current again)."""
+        self._stack.set(self._stack.get()[:-1])
+
+    @contextlib.contextmanager
+    def use(self, state: ForwardState | None) -> Iterator[None]:
+        """``with context.use(state):`` layers called in the block (this thread / task) see ``state``."""
+        self.enter(state)
+        try:
+            yield
+        finally:
+            self.exit()
 
 
 @dataclass
@@ -72,6 +114,10 @@ class LayerStats:
 
     ``tokens`` counts token positions that entered selective passes, ``updated`` the slots that
     ran attention + MLP (for padded batches this includes discarded padding slots).
+
+    The counters are diagnostics, never read by the computation, and updated without a lock (a
+    lock here would cost every call and break ``torch.compile`` graphs): exact when forwards run
+    one at a time; under concurrent forwards in several threads an increment may be lost.
     """
 
     selective_calls: int = 0
@@ -207,7 +253,10 @@ class SelectiveForward:
         return key, value
 
     def _generator(self, device: torch.device) -> torch.Generator | None:
-        """The ``random`` selector's generator on ``device`` (made on first use, seeded)."""
+        """The ``random`` selector's generator on ``device`` (made on first use, seeded).
+
+        One stream per layer: concurrent forwards draw from it in the order the threads run.
+        """
         if self.selector != "random":
             return None
         if device not in self._generators:

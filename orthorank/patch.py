@@ -36,6 +36,7 @@ class PatchHandle:
     context: ForwardContext
     forwards: dict[int, SelectiveForward | RemovedForward] = field(default_factory=dict)
     hook: Any = None
+    exit_hook: Any = None
 
 
 def _read_inputs(args: tuple[Any, ...], kwargs: dict[str, Any]) -> ForwardState | None:
@@ -162,14 +163,27 @@ def patch(
         handle.forwards[i] = forward
     if new_plan.selection_layers:
         handle.hook = base.register_forward_pre_hook(_state_hook(handle.context), with_kwargs=True)
+        handle.exit_hook = base.register_forward_hook(_exit_hook(handle.context), always_call=True)
     setattr(base, _HANDLE, handle)
     logger.info("orthorank: %s", new_plan)
     return model
 
 
 def _state_hook(context: ForwardContext) -> Any:
+    """Pre-hook: the state of this forward, for this thread / task only (see :class:`ForwardContext`)."""
+
     def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        context.enter(None)  # first, so that the exit hook always has this forward's entry to remove
         context.state = _read_inputs(args, kwargs)
+
+    return hook
+
+
+def _exit_hook(context: ForwardContext) -> Any:
+    """Forward hook (also run when the forward raises): the forward's state ends with it."""
+
+    def hook(module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
+        context.exit()
 
     return hook
 
@@ -179,10 +193,11 @@ def _handle(model: nn.Module) -> PatchHandle | None:
 
 
 def forward_context(model: nn.Module) -> ForwardContext | None:
-    """The per-forward context shared by ``model``'s selection layers (``None`` if not patched).
+    """Where ``model``'s selection layers find the state of their forward (``None`` if not patched).
 
-    Tools that call the decoder layers themselves (e.g. calibration reusing hidden states) set
-    ``context.state`` to describe their inputs.
+    Tools that call the decoder layers themselves (e.g. calibration reusing hidden states) describe
+    their inputs with ``with context.use(state): ...``; the state holds for the calling thread / task
+    only.
     """
     handle = _handle(model)
     return None if handle is None else handle.context
@@ -214,8 +229,9 @@ def unpatch(model: nn.Module) -> nn.Module:
     layers = compat.decoder_layers(model)
     for i in handle.forwards:
         compat.restore_forward(layers[i])
-    if handle.hook is not None:
-        handle.hook.remove()
+    for hook in (handle.hook, handle.exit_hook):
+        if hook is not None:
+            hook.remove()
     delattr(base, _HANDLE)
     return model
 

@@ -189,3 +189,36 @@ def test_random_selector_is_seeded():
         runs.append(_logits(model, ids))
     assert torch.equal(runs[0], runs[1])
     assert not torch.equal(runs[0], runs[2])
+
+
+def _outcome(model, kwargs):
+    """``("ok", logits)`` or ``("error", type, message)`` of one forward."""
+    try:
+        with torch.no_grad():
+            return ("ok", model(**kwargs).logits)
+    except Exception as exc:  # noqa: BLE001 - the outcome itself is compared
+        return ("error", type(exc), str(exc))
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+@pytest.mark.parametrize(
+    "inputs",
+    [
+        dict(input_ids=torch.zeros(2, 0, dtype=torch.long)),
+        dict(input_ids=torch.zeros(2, 0, dtype=torch.long), attention_mask=torch.zeros(2, 0, dtype=torch.long)),
+        dict(inputs_embeds=torch.zeros(2, 0, 64)),
+        dict(input_ids=torch.zeros(0, 5, dtype=torch.long), attention_mask=torch.ones(0, 5, dtype=torch.long)),
+        dict(input_ids=torch.zeros(1, 0, dtype=torch.long), use_cache=True),
+    ],
+    ids=["ids", "ids+mask", "embeds", "empty-batch", "cache"],
+)
+def test_zero_length_input_behaves_as_the_dense_model(attn, inputs):
+    """An empty input gives the dense model's outcome: the same error (type and message) or output."""
+    dense = _outcome(tiny_model(attn=attn), inputs)
+    model = orthorank.patch(tiny_model(attn=attn), layers=[0, 1, 2], keep_ratio=0.4)  # layer 0 selects first
+    patched = _outcome(model, inputs)
+    assert dense[0] == patched[0]
+    if dense[0] == "ok":
+        assert torch.equal(dense[1], patched[1])
+    else:
+        assert dense[1:] == patched[1:]
