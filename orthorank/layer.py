@@ -62,50 +62,42 @@ class ForwardState:
         )
 
 
-class ForwardContext:
-    """Where the selection layers of one patched model find the state of the forward they run in.
+#: Keyword argument under which the base model's pre-hook hands each decoder layer the state of
+#: its forward (the base model passes its extra keyword arguments on to every decoder layer).
+STATE_KWARG = "orthorank_state"
 
-    The state is not stored on this object: it lives in a :class:`contextvars.ContextVar`, i.e. per
-    thread and per asyncio task, so concurrent forwards on one model never see each other's state
-    (no lock: they run in parallel). The base model's pre-hook pushes the state of its forward
-    (:meth:`enter`) and its forward hook pops it (:meth:`exit`), also when the forward raises; a
-    forward nested in another sees its own state, and the outer one gets its state back after it.
-    Threads start with an empty context (no state), which is right: each forward sets its own.
+
+class ForwardContext:
+    """The state for selection layers called outside a model forward (tools driving the layers).
+
+    A model forward hands its state to the layers in the call itself (:data:`STATE_KWARG`). A tool
+    that calls the decoder layers directly sets the state with :meth:`use`; it lives in a
+    :class:`contextvars.ContextVar`, i.e. per thread and per asyncio task, never shared by
+    concurrent callers.
     """
 
     def __init__(self) -> None:
-        #: a tuple, innermost forward last: immutable, so a context copy never shares a mutable stack
-        self._stack: contextvars.ContextVar[tuple[ForwardState | None, ...]] = contextvars.ContextVar(
-            f"orthorank_forward_state_{id(self):x}", default=()
+        self._state: contextvars.ContextVar[ForwardState | None] = contextvars.ContextVar(
+            f"orthorank_forward_state_{id(self):x}", default=None
         )
 
     @property
     def state(self) -> ForwardState | None:
-        """The state of the innermost forward running in this thread / task (``None`` outside one)."""
-        stack = self._stack.get()
-        return stack[-1] if stack else None
+        """The state set in this thread / task (``None`` when none is)."""
+        return self._state.get()
 
     @state.setter
     def state(self, value: ForwardState | None) -> None:
-        """Replace the innermost state in this thread / task (for tools that drive layers directly)."""
-        self._stack.set(self._stack.get()[:-1] + (value,))
-
-    def enter(self, state: ForwardState | None) -> None:
-        """Start a forward described by ``state`` in this thread / task."""
-        self._stack.set(self._stack.get() + (state,))
-
-    def exit(self) -> None:
-        """End the innermost forward of this thread / task (its outer forward's state is current again)."""
-        self._stack.set(self._stack.get()[:-1])
+        self._state.set(value)
 
     @contextlib.contextmanager
     def use(self, state: ForwardState | None) -> Iterator[None]:
         """``with context.use(state):`` layers called in the block (this thread / task) see ``state``."""
-        self.enter(state)
+        token = self._state.set(state)
         try:
             yield
         finally:
-            self.exit()
+            self._state.reset(token)
 
 
 @dataclass
@@ -230,7 +222,7 @@ class SelectiveForward:
         self.original: Callable[..., Any] = layer.forward
 
     def __call__(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
-        state = self.context.state
+        state = kwargs.pop(STATE_KWARG) if STATE_KWARG in kwargs else self.context.state
         usable = not args and state is not None and state.matches(hidden_states)
         usable = usable and kwargs.get("position_embeddings") is not None
         if usable and state.mode == "select":

@@ -19,7 +19,7 @@ from torch import nn
 
 from . import compat
 from .config import DEFAULT_KEEP_RATIO, DEFAULT_SPARSITY, PatchOptions, check_fraction
-from .layer import ForwardContext, ForwardState, LayerStats, RemovedForward, SelectiveForward
+from .layer import STATE_KWARG, ForwardContext, ForwardState, LayerStats, RemovedForward, SelectiveForward
 from .plan import Plan, default_plan, layers_plan
 
 logger = logging.getLogger(__name__)
@@ -36,7 +36,6 @@ class PatchHandle:
     context: ForwardContext
     forwards: dict[int, SelectiveForward | RemovedForward] = field(default_factory=dict)
     hook: Any = None
-    exit_hook: Any = None
 
 
 def _read_inputs(args: tuple[Any, ...], kwargs: dict[str, Any]) -> ForwardState | None:
@@ -162,30 +161,19 @@ def patch(
         forward.original = compat.install_forward(layer, forward)
         handle.forwards[i] = forward
     if new_plan.selection_layers:
-        handle.hook = base.register_forward_pre_hook(_state_hook(handle.context), with_kwargs=True)
-        handle.exit_hook = base.register_forward_hook(_exit_hook(handle.context), always_call=True)
+        handle.hook = base.register_forward_pre_hook(_state_hook, with_kwargs=True)
     setattr(base, _HANDLE, handle)
     logger.info("orthorank: %s", new_plan)
     return model
 
 
-def _state_hook(context: ForwardContext) -> Any:
-    """Pre-hook: the state of this forward, for this thread / task only (see :class:`ForwardContext`)."""
-
-    def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        context.enter(None)  # first, so that the exit hook always has this forward's entry to remove
-        context.state = _read_inputs(args, kwargs)
-
-    return hook
-
-
-def _exit_hook(context: ForwardContext) -> Any:
-    """Forward hook (also run when the forward raises): the forward's state ends with it."""
-
-    def hook(module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
-        context.exit()
-
-    return hook
+def _state_hook(
+    module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """Pre-hook: the state of this forward travels with the call itself, as a keyword argument
+    that the base model hands every decoder layer. Nothing is stored, so concurrent and nested
+    forwards cannot see each other's state and none outlives its forward."""
+    return args, {**kwargs, STATE_KWARG: _read_inputs(args, kwargs)}
 
 
 def _handle(model: nn.Module) -> PatchHandle | None:
@@ -193,11 +181,11 @@ def _handle(model: nn.Module) -> PatchHandle | None:
 
 
 def forward_context(model: nn.Module) -> ForwardContext | None:
-    """Where ``model``'s selection layers find the state of their forward (``None`` if not patched).
+    """Where ``model``'s selection layers called outside a model forward find their state
+    (``None`` if not patched).
 
     Tools that call the decoder layers themselves (e.g. calibration reusing hidden states) describe
-    their inputs with ``with context.use(state): ...``; the state holds for the calling thread / task
-    only.
+    their inputs with ``with context.use(state): ...``; it holds in the calling thread / task only.
     """
     handle = _handle(model)
     return None if handle is None else handle.context
@@ -229,9 +217,8 @@ def unpatch(model: nn.Module) -> nn.Module:
     layers = compat.decoder_layers(model)
     for i in handle.forwards:
         compat.restore_forward(layers[i])
-    for hook in (handle.hook, handle.exit_hook):
-        if hook is not None:
-            hook.remove()
+    if handle.hook is not None:
+        handle.hook.remove()
     delattr(base, _HANDLE)
     return model
 

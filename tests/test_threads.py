@@ -213,25 +213,29 @@ def test_a_budget_cache_ignores_the_queries_of_a_forward_in_another_thread() -> 
     assert same(got[0], want)
 
 
-def test_no_state_outlives_its_forward() -> None:
-    """After a forward, also one that raises inside a layer, no per-call state is left behind."""
+def test_a_layer_called_on_its_own_after_a_forward_sees_no_state() -> None:
+    """No state outlives its forward, also one that raised inside a layer: a selection layer called
+    directly afterwards (hidden states of the same shape) runs as the dense layer."""
     model = patched_model()
-    context = forward_context(model)
     ids, mask = BATCHES[0]
+    layer = model.model.layers[2]
+    calls: list[tuple] = []
 
-    def fail(module: torch.nn.Module, args: tuple) -> None:
-        assert context.state is not None and context.state.real is not None  # inside: this forward's state
+    def fail(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+        calls.append((args[0], {k: v for k, v in kwargs.items() if k in ("position_embeddings", "attention_mask")}))
         raise RuntimeError("boom")
 
     with torch.inference_mode():
         model(ids, attention_mask=mask)
-        assert context.state is None
-        handle = model.model.layers[3].register_forward_pre_hook(fail)
+        handle = model.model.layers[3].register_forward_pre_hook(fail, with_kwargs=True)
         with pytest.raises(RuntimeError, match="boom"):
             model(ids, attention_mask=mask)
         handle.remove()
-        assert context.state is None
-        
+        hidden, kwargs = calls[0]
+        want = tiny_model("llama").model.layers[2](hidden, **kwargs)  # the same weights, dense
+        assert torch.equal(layer(hidden, **kwargs), want)
+        assert forward_context(model).state is None
+
 
 def test_a_forward_nested_in_a_forward_gets_its_own_state_and_the_outer_one_keeps_its() -> None:
     model = patched_model()
