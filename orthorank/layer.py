@@ -340,6 +340,20 @@ class SelectiveForward:
         return out.reshape(batch, k, -1)
 
 
+class DenseForward:
+    """Forward of a layer that stays dense in a patched model: its own forward, without the state
+    keyword (:data:`STATE_KWARG`), which is meant for the selection layers only."""
+
+    def __init__(self, layer: nn.Module) -> None:
+        self.layer = layer
+        #: the forward this one replaced; set by :func:`compat.install_forward`'s caller
+        self.original: Callable[..., Any] = layer.forward
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        kwargs.pop(STATE_KWARG, None)
+        return self.original(*args, **kwargs)
+
+
 class RemovedForward:
     """Forward of a removed layer (keep ratio 0): the identity, no cache write."""
 

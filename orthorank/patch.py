@@ -19,7 +19,9 @@ from torch import nn
 
 from . import compat
 from .config import DEFAULT_KEEP_RATIO, DEFAULT_SPARSITY, PatchOptions, check_fraction
-from .layer import STATE_KWARG, ForwardContext, ForwardState, LayerStats, RemovedForward, SelectiveForward
+from .layer import (
+    STATE_KWARG, DenseForward, ForwardContext, ForwardState, LayerStats, RemovedForward, SelectiveForward,
+)
 from .plan import Plan, default_plan, layers_plan
 
 logger = logging.getLogger(__name__)
@@ -36,6 +38,8 @@ class PatchHandle:
     context: ForwardContext
     forwards: dict[int, SelectiveForward | RemovedForward] = field(default_factory=dict)
     hook: Any = None
+    #: the dense layers' forwards that drop the state keyword (when there are selection layers)
+    relays: dict[int, DenseForward] = field(default_factory=dict)
 
 
 def _read_inputs(args: tuple[Any, ...], kwargs: dict[str, Any]) -> ForwardState | None:
@@ -161,6 +165,11 @@ def patch(
         forward.original = compat.install_forward(layer, forward)
         handle.forwards[i] = forward
     if new_plan.selection_layers:
+        for i, layer in enumerate(compat.decoder_layers(model)):
+            if new_plan.keep_ratios[i] == 1.0:
+                relay = DenseForward(layer)
+                relay.original = compat.install_forward(layer, relay)
+                handle.relays[i] = relay
         handle.hook = base.register_forward_pre_hook(_state_hook, with_kwargs=True)
     setattr(base, _HANDLE, handle)
     logger.info("orthorank: %s", new_plan)
@@ -215,7 +224,7 @@ def unpatch(model: nn.Module) -> nn.Module:
     if handle is None:
         return model
     layers = compat.decoder_layers(model)
-    for i in handle.forwards:
+    for i in [*handle.forwards, *handle.relays]:
         compat.restore_forward(layers[i])
     if handle.hook is not None:
         handle.hook.remove()
