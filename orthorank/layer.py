@@ -8,7 +8,10 @@ layer unchanged. So, token by token, ``out == where(selected, dense_layer(x), x)
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import logging
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -59,11 +62,42 @@ class ForwardState:
         )
 
 
+#: Keyword argument under which the base model's pre-hook hands each decoder layer the state of
+#: its forward (the base model passes its extra keyword arguments on to every decoder layer).
+STATE_KWARG = "orthorank_state"
+
+
 class ForwardContext:
-    """Shared by all patched layers of one model; the base model's pre-hook sets ``state``."""
+    """The state for selection layers called outside a model forward (tools driving the layers).
+
+    A model forward hands its state to the layers in the call itself (:data:`STATE_KWARG`). A tool
+    that calls the decoder layers directly sets the state with :meth:`use`; it lives in a
+    :class:`contextvars.ContextVar`, i.e. per thread and per asyncio task, never shared by
+    concurrent callers.
+    """
 
     def __init__(self) -> None:
-        self.state: ForwardState | None = None
+        self._state: contextvars.ContextVar[ForwardState | None] = contextvars.ContextVar(
+            f"orthorank_forward_state_{id(self):x}", default=None
+        )
+
+    @property
+    def state(self) -> ForwardState | None:
+        """The state set in this thread / task (``None`` when none is)."""
+        return self._state.get()
+
+    @state.setter
+    def state(self, value: ForwardState | None) -> None:
+        self._state.set(value)
+
+    @contextlib.contextmanager
+    def use(self, state: ForwardState | None) -> Iterator[None]:
+        """``with context.use(state):`` layers called in the block (this thread / task) see ``state``."""
+        token = self._state.set(state)
+        try:
+            yield
+        finally:
+            self._state.reset(token)
 
 
 @dataclass
@@ -72,6 +106,10 @@ class LayerStats:
 
     ``tokens`` counts token positions that entered selective passes, ``updated`` the slots that
     ran attention + MLP (for padded batches this includes discarded padding slots).
+
+    The counters are diagnostics, never read by the computation, and updated without a lock (a
+    lock here would cost every call and break ``torch.compile`` graphs): exact when forwards run
+    one at a time; under concurrent forwards in several threads an increment may be lost.
     """
 
     selective_calls: int = 0
@@ -184,7 +222,7 @@ class SelectiveForward:
         self.original: Callable[..., Any] = layer.forward
 
     def __call__(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
-        state = self.context.state
+        state = kwargs.pop(STATE_KWARG) if STATE_KWARG in kwargs else self.context.state
         usable = not args and state is not None and state.matches(hidden_states)
         usable = usable and kwargs.get("position_embeddings") is not None
         if usable and state.mode == "select":
@@ -207,7 +245,10 @@ class SelectiveForward:
         return key, value
 
     def _generator(self, device: torch.device) -> torch.Generator | None:
-        """The ``random`` selector's generator on ``device`` (made on first use, seeded)."""
+        """The ``random`` selector's generator on ``device`` (made on first use, seeded).
+
+        One stream per layer: concurrent forwards draw from it in the order the threads run.
+        """
         if self.selector != "random":
             return None
         if device not in self._generators:
@@ -297,6 +338,20 @@ class SelectiveForward:
             outs.append(out)
         out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
         return out.reshape(batch, k, -1)
+
+
+class DenseForward:
+    """Forward of a layer that stays dense in a patched model: its own forward, without the state
+    keyword (:data:`STATE_KWARG`), which is meant for the selection layers only."""
+
+    def __init__(self, layer: nn.Module) -> None:
+        self.layer = layer
+        #: the forward this one replaced; set by :func:`compat.install_forward`'s caller
+        self.original: Callable[..., Any] = layer.forward
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        kwargs.pop(STATE_KWARG, None)
+        return self.original(*args, **kwargs)
 
 
 class RemovedForward:

@@ -19,7 +19,9 @@ from torch import nn
 
 from . import compat
 from .config import DEFAULT_KEEP_RATIO, DEFAULT_SPARSITY, PatchOptions, check_fraction
-from .layer import ForwardContext, ForwardState, LayerStats, RemovedForward, SelectiveForward
+from .layer import (
+    STATE_KWARG, DenseForward, ForwardContext, ForwardState, LayerStats, RemovedForward, SelectiveForward,
+)
 from .plan import Plan, layers_plan
 
 logger = logging.getLogger(__name__)
@@ -36,6 +38,8 @@ class PatchHandle:
     context: ForwardContext
     forwards: dict[int, SelectiveForward | RemovedForward] = field(default_factory=dict)
     hook: Any = None
+    #: the dense layers' forwards that drop the state keyword (when there are selection layers)
+    relays: dict[int, DenseForward] = field(default_factory=dict)
 
 
 def _read_inputs(args: tuple[Any, ...], kwargs: dict[str, Any]) -> ForwardState | None:
@@ -196,16 +200,23 @@ def _install(model: nn.Module, new_plan: Plan, options: PatchOptions, spec: comp
         forward.original = compat.install_forward(layer, forward)
         handle.forwards[i] = forward
     if new_plan.selection_layers:
-        handle.hook = base.register_forward_pre_hook(_state_hook(handle.context), with_kwargs=True)
+        for i, layer in enumerate(compat.decoder_layers(model)):
+            if new_plan.keep_ratios[i] == 1.0:
+                relay = DenseForward(layer)
+                relay.original = compat.install_forward(layer, relay)
+                handle.relays[i] = relay
+        handle.hook = base.register_forward_pre_hook(_state_hook, with_kwargs=True)
     setattr(base, _HANDLE, handle)
     logger.info("orthorank: %s", new_plan)
 
 
-def _state_hook(context: ForwardContext) -> Any:
-    def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        context.state = _read_inputs(args, kwargs)
-
-    return hook
+def _state_hook(
+    module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """Pre-hook: the state of this forward travels with the call itself, as a keyword argument
+    that the base model hands every decoder layer. Nothing is stored, so concurrent and nested
+    forwards cannot see each other's state and none outlives its forward."""
+    return args, {**kwargs, STATE_KWARG: _read_inputs(args, kwargs)}
 
 
 def _handle(model: nn.Module) -> PatchHandle | None:
@@ -213,10 +224,11 @@ def _handle(model: nn.Module) -> PatchHandle | None:
 
 
 def forward_context(model: nn.Module) -> ForwardContext | None:
-    """The per-forward context shared by ``model``'s selection layers (``None`` if not patched).
+    """Where ``model``'s selection layers called outside a model forward find their state
+    (``None`` if not patched).
 
-    Tools that call the decoder layers themselves (e.g. calibration reusing hidden states) set
-    ``context.state`` to describe their inputs.
+    Tools that call the decoder layers themselves (e.g. calibration reusing hidden states) describe
+    their inputs with ``with context.use(state): ...``; it holds in the calling thread / task only.
     """
     handle = _handle(model)
     return None if handle is None else handle.context
@@ -246,7 +258,7 @@ def unpatch(model: nn.Module) -> nn.Module:
     if handle is None:
         return model
     layers = compat.decoder_layers(model)
-    for i in handle.forwards:
+    for i in [*handle.forwards, *handle.relays]:
         compat.restore_forward(layers[i])
     if handle.hook is not None:
         handle.hook.remove()

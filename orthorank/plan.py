@@ -141,10 +141,15 @@ class Plan:
         """Read a plan saved by :meth:`save`; with ``model``, also check it fits that model.
 
         Raises:
-            ValueError: not a plan, an unsupported version, or (with ``model``) a plan made for
-                another number of layers or model type.
+            ValueError: not a plan (not JSON, or JSON that is not a valid plan; the message names
+                the file), an unsupported version, or (with ``model``) a plan made for another
+                number of layers or model type.
         """
-        plan = cls.from_dict(json.loads(Path(path).read_text()))
+        text = Path(path).read_bytes()
+        try:
+            plan = cls.from_dict(json.loads(text))
+        except (ValueError, TypeError) as exc:  # json and UnicodeDecodeError are ValueErrors
+            raise ValueError(f"{path} is not a valid orthorank plan file: {exc}") from exc
         if model is not None:
             config = getattr(model, "config", model)
             plan.check_model(int(config.num_hidden_layers), getattr(config, "model_type", None))

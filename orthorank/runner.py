@@ -108,14 +108,14 @@ class LossRunner:
             for c, chunk in enumerate(self._chunks):
                 kwargs = self._kwargs[c]
                 h = parent.inputs[c][start] if parent is not None else self.base.embed_tokens(chunk)
-                context.state = ForwardState(chunk.shape[0], chunk.shape[1], "select", n_max=chunk.shape[1])
+                state = ForwardState(chunk.shape[0], chunk.shape[1], "select", n_max=chunk.shape[1])
                 saved = list(parent.inputs[c][:start]) if parent is not None else []
-                for i in range(start, self.num_layers):
-                    if record:
-                        saved.append(h)
-                    h = self.layers[i](h, **kwargs)
-                    self.cost.layer_calls += chunk.shape[0]
-                context.state = None
+                with context.use(state):
+                    for i in range(start, self.num_layers):
+                        if record:
+                            saved.append(h)
+                        h = self.layers[i](h, **kwargs)
+                        self.cost.layer_calls += chunk.shape[0]
                 if record:
                     out.inputs.append(saved)
                 total += float(head_nll(self.model, h, chunk).sum())

@@ -66,11 +66,15 @@ class Selection:
 def select_uniform(scores: torch.Tensor, k: int) -> Selection:
     """Rows without padding: the ``k`` lowest scores of each row, sink (column 0) excluded.
 
+    Ties go to the earlier column, as in :func:`select_padded`, so that a row selects the same
+    tokens alone and in a padded batch (equal scores are common in a first layer: a repeated token
+    has the same hidden state; ``topk`` breaks ties arbitrarily).
+
     Args:
         scores: ``[batch, seq]``, modified in place at column 0.
     """
     scores[:, 0] = _BLOCKED
-    index = torch.topk(scores, k, dim=1, largest=False, sorted=False).indices
+    index = scores.argsort(dim=1, stable=True)[:, :k]
     return Selection(index=index.sort(dim=1).values, valid=None)
 
 

@@ -10,6 +10,7 @@ import torch
 from transformers import DynamicCache, GPT2Config, GPT2LMHeadModel, pipeline
 
 import orthorank
+from orthorank.layer import SelectiveForward
 
 from conftest import cache_kwarg, left_padded_batch, tiny_model, tiny_tokenizer
 
@@ -56,7 +57,7 @@ def test_patching_twice_replaces_and_context_manager_restores():
     orthorank.patch(model, layers=[3], keep_ratio=0.5)
     assert orthorank.get_plan(model).selection_layers == [3]
     assert set(orthorank.layer_stats(model)) == {3}
-    assert "forward" not in model.model.layers[1].__dict__
+    assert not isinstance(model.model.layers[1].__dict__.get("forward"), SelectiveForward)
     with orthorank.patched(model, sparsity=0.0):
         assert orthorank.get_plan(model).is_dense
     assert orthorank.get_plan(model).selection_layers == [3]
@@ -189,3 +190,36 @@ def test_random_selector_is_seeded():
         runs.append(_logits(model, ids))
     assert torch.equal(runs[0], runs[1])
     assert not torch.equal(runs[0], runs[2])
+
+
+def _outcome(model, kwargs):
+    """``("ok", logits)`` or ``("error", type, message)`` of one forward."""
+    try:
+        with torch.no_grad():
+            return ("ok", model(**kwargs).logits)
+    except Exception as exc:  # noqa: BLE001 - the outcome itself is compared
+        return ("error", type(exc), str(exc))
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+@pytest.mark.parametrize(
+    "inputs",
+    [
+        dict(input_ids=torch.zeros(2, 0, dtype=torch.long)),
+        dict(input_ids=torch.zeros(2, 0, dtype=torch.long), attention_mask=torch.zeros(2, 0, dtype=torch.long)),
+        dict(inputs_embeds=torch.zeros(2, 0, 64)),
+        dict(input_ids=torch.zeros(0, 5, dtype=torch.long), attention_mask=torch.ones(0, 5, dtype=torch.long)),
+        dict(input_ids=torch.zeros(1, 0, dtype=torch.long), use_cache=True),
+    ],
+    ids=["ids", "ids+mask", "embeds", "empty-batch", "cache"],
+)
+def test_zero_length_input_behaves_as_the_dense_model(attn, inputs):
+    """An empty input gives the dense model's outcome: the same error (type and message) or output."""
+    dense = _outcome(tiny_model(attn=attn), inputs)
+    model = orthorank.patch(tiny_model(attn=attn), layers=[0, 1, 2], keep_ratio=0.4)  # layer 0 selects first
+    patched = _outcome(model, inputs)
+    assert dense[0] == patched[0]
+    if dense[0] == "ok":
+        assert torch.equal(dense[1], patched[1])
+    else:
+        assert dense[1:] == patched[1:]

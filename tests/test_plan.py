@@ -52,6 +52,31 @@ def test_bad_plans_refused(tmp_path, change, match):
         Plan.load(path)
 
 
+@pytest.mark.parametrize(
+    "content",
+    [
+        b"",
+        b"keep_ratios: [1.0, 0.5]\n",  # YAML, not JSON
+        b"\x89PNG\r\n\x1a\n\x00\xff\xfe",  # binary
+        b"[1.0, 0.5, 1.0]",  # JSON, not an object
+        b'{"format": "orthorank-plan"',  # truncated
+    ],
+    ids=["empty", "yaml", "binary", "list", "truncated"],
+)
+def test_a_file_that_is_not_a_plan_is_refused_by_name(tmp_path, content):
+    path = tmp_path / "not-a-plan.json"
+    path.write_bytes(content)
+    with pytest.raises(ValueError, match=r"not-a-plan\.json is not a valid orthorank plan file"):
+        Plan.load(path)
+
+
+def test_a_plan_with_values_of_the_wrong_type_is_refused_by_name(tmp_path):
+    path = tmp_path / "typo.json"
+    path.write_text(json.dumps({**layers_plan(4, [1]).to_dict(), "keep_ratios": [1.0, "half", 1.0, 1.0]}))
+    with pytest.raises(ValueError, match=r"typo\.json .*number"):
+        Plan.load(path)
+
+
 def test_bad_constructor_arguments_refused():
     with pytest.raises(TypeError, match="sequence"):
         Plan("1.0")

@@ -21,8 +21,9 @@ plain ``model(input_ids, cache=cache)`` loop. Design decisions:
 from __future__ import annotations
 
 import logging
+import threading
 import weakref
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Iterable
 
 import torch
@@ -44,6 +45,9 @@ class _QuerySlot:
     sin: torch.Tensor
     scaling: float
     query: torch.Tensor | None = None  # [B, T, H_q * D], q_proj output before RoPE
+    #: the thread whose forward armed the slot: a q_proj output of another thread (another
+    #: generation running on the same model at the same time) is not this cache's query
+    thread: int = field(default_factory=threading.get_ident)
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -179,7 +183,7 @@ class BudgetCache(Cache):
 
     def _capture_query(self, layer_idx: int, output: torch.Tensor) -> None:
         slot = self._slots.get(layer_idx)
-        if slot is not None and slot.query is None:
+        if slot is not None and slot.query is None and slot.thread == threading.get_ident():
             slot.query = output
 
     def _take_query(self, layer_idx: int, key_states: torch.Tensor) -> tuple[torch.Tensor | None, float | None]:
