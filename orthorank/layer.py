@@ -15,7 +15,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from . import compat
+from . import compat, hooks
 from .config import tokens_to_keep, tokens_to_keep_per_row
 from .scoring import Selection, select_padded, select_uniform, token_scores
 
@@ -182,6 +182,9 @@ class SelectiveForward:
         self.stats = LayerStats()
         #: the forward this one replaced; set by :func:`compat.install_forward`'s caller
         self.original: Callable[..., Any] = layer.forward
+        #: the attention module's forward while patched (runs its hooks in selective passes)
+        self.route: hooks.AttentionRoute | None = None
+        self._warned_weights = False
 
     def __call__(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
         state = self.context.state
@@ -191,7 +194,11 @@ class SelectiveForward:
             return self.select(hidden_states, state.to(hidden_states.device), kwargs)
         self.stats.other_calls += 1
         if usable and state.mode == "continue" and self.decode == "bypass":
-            self._keys_values(self.layer.input_layernorm(hidden_states), kwargs)
+            x = self.layer.input_layernorm(hidden_states)
+            if self.route is not None and hooks.has_hooks(self.attn):
+                self._hooked(x, kwargs, self._keys_values_only)
+            else:
+                self._keys_values(x, kwargs)
             return hidden_states
         return self.original(hidden_states, *args, **kwargs)
 
@@ -205,6 +212,11 @@ class SelectiveForward:
         if cache is not None:
             key, value = compat.update_cache(cache, key, value, attn.layer_idx, kwargs)
         return key, value
+
+    def _keys_values_only(self, x: torch.Tensor, kwargs: dict[str, Any]) -> tuple[None, None]:
+        """A bypassing decode step: K/V written, nothing selected (for :meth:`_hooked`)."""
+        self._keys_values(x, kwargs)
+        return None, None
 
     def _generator(self, device: torch.device) -> torch.Generator | None:
         """The ``random`` selector's generator on ``device`` (made on first use, seeded)."""
@@ -231,27 +243,93 @@ class SelectiveForward:
         return select_padded(scores, state.real, state.sink, keep, k)
 
     def select(self, hidden_states: torch.Tensor, state: ForwardState, kwargs: dict[str, Any]) -> torch.Tensor:
-        """``[batch, seq, hidden]`` -> ``[batch, seq, hidden]``, updating only the selected tokens."""
-        layer, attn = self.layer, self.attn
+        """``[batch, seq, hidden]`` -> ``[batch, seq, hidden]``, updating only the selected tokens.
+
+        Hooks on the MLP module see the selected tokens only (``[batch, k, hidden]``).
+        """
+        layer = self.layer
         x = layer.input_layernorm(hidden_states)
-        key, value = self._keys_values(x, kwargs)
-        chosen = self._choose(x, state)
-        self.stats.selective_calls += 1
-        self.stats.tokens += hidden_states.shape[0] * hidden_states.shape[1]
+        if self.route is not None and hooks.has_hooks(self.attn):
+            chosen, attn_out = self._hooked(x, kwargs, lambda hs, kw: self._attention(hs, state, kw))
+        else:
+            chosen, attn_out = self._attention(x, state, kwargs)
         if chosen is None:
             return hidden_states
         index = chosen.index
-        self.stats.updated += index.numel()
-
-        cos, sin = kwargs["position_embeddings"]
-        query = _rotate(_heads(attn, attn.q_proj, self.q_norm, _gather(x, index)), _gather(cos, index), _gather(sin, index))
-        out = self._attend(query, key, value, index, kwargs.get("attention_mask"), state)
         residual = _gather(hidden_states, index)
-        h = residual + attn.o_proj(out)
+        h = residual + attn_out
         h = h + layer.mlp(layer.post_attention_layernorm(h))
         if chosen.valid is not None:
             h = torch.where(chosen.valid.unsqueeze(-1), h, residual)
         return hidden_states.scatter(1, index.unsqueeze(-1).expand(-1, -1, h.shape[-1]), h)
+
+    def _attention(
+        self, x: torch.Tensor, state: ForwardState, kwargs: dict[str, Any]
+    ) -> tuple[Selection | None, torch.Tensor | None]:
+        """Write the K/V of all tokens of ``x`` ``[batch, seq, hidden]`` (normalised), select, and
+        return the selection and the selected tokens' attention output ``[batch, k, hidden]``
+        (after ``o_proj``); ``(None, None)`` when no token is selected."""
+        attn = self.attn
+        key, value = self._keys_values(x, kwargs)
+        chosen = self._choose(x, state)
+        self.stats.selective_calls += 1
+        self.stats.tokens += x.shape[0] * x.shape[1]
+        if chosen is None:
+            return None, None
+        index = chosen.index
+        self.stats.updated += index.numel()
+        cos, sin = kwargs["position_embeddings"]
+        query = _rotate(_heads(attn, attn.q_proj, self.q_norm, _gather(x, index)), _gather(cos, index), _gather(sin, index))
+        out = self._attend(query, key, value, index, kwargs.get("attention_mask"), state)
+        return chosen, attn.o_proj(out)
+
+    def _hooked(
+        self,
+        x: torch.Tensor,
+        kwargs: dict[str, Any],
+        run: Callable[[torch.Tensor, dict[str, Any]], tuple[Selection | None, torch.Tensor | None]],
+    ) -> tuple[Selection | None, torch.Tensor | None]:
+        """``run(x, kwargs)`` called as the attention module's forward, so that the module's hooks
+        run as in a dense layer (see :mod:`orthorank.hooks`); returns what ``run`` returns, the
+        attention output as the forward hooks leave it at the selected tokens."""
+        self._warn_no_weights()
+        chosen_box: list[Selection | None] = []
+
+        def forward(*args: Any, **kw: Any) -> tuple[torch.Tensor, None]:
+            if len(args) > 1:
+                raise TypeError("orthorank: a hook passed the attention positional arguments besides hidden_states")
+            hs = args[0] if args else kw.pop("hidden_states")
+            if hs.shape != x.shape:
+                raise ValueError(
+                    f"orthorank: a hook on layers[{self.attn.layer_idx}].self_attn changed its input's shape "
+                    f"from {tuple(x.shape)} to {tuple(hs.shape)}; selection layers need the same tokens"
+                )
+            chosen, out = run(hs, kw)
+            chosen_box.append(chosen)
+            if chosen is None:
+                return hs.new_zeros(hs.shape), None
+            if chosen.valid is not None:
+                out = out * chosen.valid.unsqueeze(-1)
+            full = out.new_zeros((*hs.shape[:2], out.shape[-1]))
+            return full.scatter(1, chosen.index.unsqueeze(-1).expand_as(out), out), None
+
+        result = self.route.call(forward, {"hidden_states": x, **kwargs})
+        chosen = chosen_box[0] if chosen_box else None
+        if chosen is None:
+            return None, None
+        return chosen, _gather(result[0], chosen.index)
+
+    def _warn_no_weights(self) -> None:
+        """Under eager attention a dense layer hands its forward hooks the attention weights; a
+        selection layer cannot (it attends the selected queries only). Said once per layer."""
+        if self._warned_weights or not self.attn._forward_hooks or not compat.attention_function(self.attn)[1]:
+            return
+        self._warned_weights = True
+        logger.warning(
+            "orthorank: hooks on layers[%d].self_attn (%s) get no attention weights in this selection layer "
+            "(output[1] is None); hooks that need them (e.g. kvpress ObservedAttentionPress) do not compose",
+            self.attn.layer_idx, ", ".join(hooks.hook_owners(self.attn)),
+        )
 
     def _attend(
         self,

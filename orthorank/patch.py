@@ -19,6 +19,7 @@ from torch import nn
 
 from . import compat
 from .config import DEFAULT_KEEP_RATIO, DEFAULT_SPARSITY, PatchOptions, check_fraction
+from .hooks import AttentionRoute
 from .layer import ForwardContext, ForwardState, LayerStats, RemovedForward, SelectiveForward
 from .plan import Plan, default_plan, layers_plan
 
@@ -159,6 +160,8 @@ def patch(
                 layer, ratio, new_plan.selector, decode, keep_last, handle.context, spec, seed=seed + i
             )
         forward.original = compat.install_forward(layer, forward)
+        if isinstance(forward, SelectiveForward):
+            forward.route = AttentionRoute(layer.self_attn)
         handle.forwards[i] = forward
     if new_plan.selection_layers:
         handle.hook = base.register_forward_pre_hook(_state_hook(handle.context), with_kwargs=True)
@@ -212,8 +215,10 @@ def unpatch(model: nn.Module) -> nn.Module:
     if handle is None:
         return model
     layers = compat.decoder_layers(model)
-    for i in handle.forwards:
+    for i, forward in handle.forwards.items():
         compat.restore_forward(layers[i])
+        if getattr(forward, "route", None) is not None:
+            forward.route.remove()
     if handle.hook is not None:
         handle.hook.remove()
     delattr(base, _HANDLE)

@@ -1,0 +1,100 @@
+"""Hooks other libraries register on a selection layer's attention module, run as in a dense layer.
+
+A selection layer computes q/k/v/o itself and never calls ``self_attn.forward``, so hooks that
+libraries place on the attention module (kvpress presses compress the cache in a forward hook;
+BudgetCache's ``milestone`` arms itself in a forward pre-hook; steering and probing hooks) would
+silently not run. When the attention module has hooks, the selection layer calls the module
+itself (``module(hidden_states=x, **layer_kwargs)``, the call a dense layer makes), so that torch
+runs every hook as it always does: global and module pre-hooks (their changes to the inputs are
+used), forward hooks with or without kwargs, ``always_call``, backward hooks. Only the module's
+forward is replaced for that one call, by the selective computation: :class:`AttentionRoute` is
+the module's instance forward while patched, the module's own forward except inside such a call
+(a thread-local slot, so concurrent forwards of other threads are not affected).
+
+What a hook sees in a selective pass:
+    kwargs: the dense layer's (``hidden_states`` = the normalised input of ALL tokens
+        ``[batch, seq, hidden]``, ``position_embeddings``, ``attention_mask``, the cache, ...).
+    output: ``(attn_output, None)``; ``attn_output`` ``[batch, seq, hidden]`` holds the attention
+        output (after ``o_proj``) at the selected tokens and zeros at the bypassed ones (the layer
+        leaves them unchanged). Attention weights are not computed for every query: ``None``.
+    A hook's replacement output is used at the selected tokens; at bypassed tokens it is dropped.
+
+Without hooks none of this runs: one check of the module's hook dicts per layer call.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+from typing import Any
+
+from torch import nn
+from torch.nn.modules import module as torch_module
+
+from . import compat
+
+logger = logging.getLogger(__name__)
+
+
+def has_hooks(module: nn.Module) -> bool:
+    """Whether calling ``module`` runs any hook (the test torch's ``Module._call_impl`` makes)."""
+    return bool(
+        module._forward_hooks
+        or module._forward_pre_hooks
+        or module._backward_hooks
+        or module._backward_pre_hooks
+        or torch_module._global_forward_hooks
+        or torch_module._global_forward_pre_hooks
+        or torch_module._global_backward_hooks
+        or torch_module._global_backward_pre_hooks
+    )
+
+
+def hook_owners(module: nn.Module) -> list[str]:
+    """Who registered the forward (pre-)hooks of ``module``: the class of a bound method's owner
+    (e.g. ``kvpress.presses.knorm_press.KnormPress``) or the function's qualified name."""
+    names = []
+    for hook in (*module._forward_pre_hooks.values(), *module._forward_hooks.values()):
+        owner = getattr(hook, "__self__", None)
+        where = type(owner) if owner is not None else hook
+        names.append(f"{getattr(where, '__module__', '?')}.{getattr(where, '__qualname__', repr(where))}")
+    return names
+
+
+class AttentionRoute:
+    """Instance forward of a selection layer's attention module (installed by :func:`orthorank.patch`).
+
+    Outside :meth:`call` it is the module's own forward (dense layers, decode steps, direct calls).
+    """
+
+    def __init__(self, attn: nn.Module) -> None:
+        self.attn = attn
+        self._local = threading.local()
+        self.original: Callable[..., Any] = compat.install_forward(attn, self)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        run = getattr(self._local, "run", None)
+        if run is None:
+            return self.original(*args, **kwargs)
+        self._local.run = None
+        return run(*args, **kwargs)
+
+    def call(self, run: Callable[..., Any], kwargs: dict[str, Any]) -> Any:
+        """``attn(**kwargs)`` with every hook of the module, ``run`` standing in for its forward."""
+        self._local.run = run
+        try:
+            return self.attn(**kwargs)
+        finally:
+            self._local.run = None
+
+    def __getstate__(self) -> dict[str, Any]:  # copy.deepcopy / pickle of a patched model
+        return {**self.__dict__, "_local": None}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._local = threading.local()
+
+    def remove(self) -> None:
+        """Give the module its forward back."""
+        compat.restore_forward(self.attn)
