@@ -62,6 +62,19 @@ def hook_owners(module: nn.Module) -> list[str]:
     return names
 
 
+#: Per-sequence state libraries keep on an attention module and reset in the attention function
+#: when a prefill starts (queries = keys), which a selection layer's prefill does not call:
+#: kvpress's head-wise presses (AdaKV, ...) mask ``masked_key_indices`` in decode steps.
+PREFILL_RESET: tuple[str, ...] = ("masked_key_indices",)
+
+
+def reset_prefill_state(attn: nn.Module) -> None:
+    """Clear :data:`PREFILL_RESET` on ``attn`` as the attention function of a dense prefill does."""
+    for name in PREFILL_RESET:
+        if attn.__dict__.get(name) is not None:
+            setattr(attn, name, None)
+
+
 class AttentionRoute:
     """Instance forward of a selection layer's attention module (installed by :func:`orthorank.patch`).
 

@@ -249,6 +249,7 @@ class SelectiveForward:
         """
         layer = self.layer
         x = layer.input_layernorm(hidden_states)
+        hooks.reset_prefill_state(self.attn)
         if self.route is not None and hooks.has_hooks(self.attn):
             chosen, attn_out = self._hooked(x, kwargs, lambda hs, kw: self._attention(hs, state, kw))
         else:
