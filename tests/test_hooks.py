@@ -133,7 +133,10 @@ def test_global_hooks_and_plain_hooks_fire_in_selection_layers():
             seen.append(attn_modules[module])
 
     handles = [torch.nn.modules.module.register_module_forward_hook(global_hook)]
+    always: list[int] = []
     handles += [a.register_forward_pre_hook(lambda m, args: pre_seen.append(m.layer_idx)) for a in attn_modules]
+    handles += [a.register_forward_hook(lambda m, args, out: always.append(m.layer_idx), always_call=True)
+                for a in attn_modules]
     orthorank.patch(model, layers=LAYERS, keep_ratio=KEEP)
     try:
         with torch.no_grad():
@@ -141,7 +144,7 @@ def test_global_hooks_and_plain_hooks_fire_in_selection_layers():
     finally:
         for h in handles:
             h.remove()
-    assert sorted(seen) == sorted(pre_seen) == list(range(len(model.model.layers)))
+    assert sorted(seen) == sorted(pre_seen) == sorted(always) == list(range(len(model.model.layers)))
 
 
 def test_no_hooks_skip_the_module_call(monkeypatch):

@@ -169,3 +169,31 @@ class _NoPress:
         import contextlib
 
         return contextlib.nullcontext()
+
+
+def test_kvpress_pipeline_on_a_patched_model():
+    """kvpress's own pipeline (prefill of the context under the press through ``model.model``, then
+    the question and a greedy answer token by token): the same compressed cache per layer as the
+    dense model, and the same answer when only the last layer selects."""
+    from transformers import pipeline
+
+    from conftest import tiny_tokenizer
+
+    context = " ".join(f"w{3 + (7 * i) % 90}" for i in range(SEQ))
+    question = "w5 w9 w11"
+
+    def answer(model):
+        pipe = pipeline("kv-press-text-generation", model=model, tokenizer=tiny_tokenizer())
+        cache = DynamicCache(config=model.config)
+        out = pipe(context, question=question, press=kvpress.KnormPress(compression_ratio=0.5), cache=cache,
+                   max_new_tokens=6)
+        return out["answer"], _stored(cache)
+
+    dense_answer, dense_stored = answer(tiny_model())
+    assert dense_answer and max(dense_stored) < SEQ
+    model = tiny_model()
+    orthorank.patch(model, layers=LAYERS, keep_ratio=KEEP)
+    assert answer(model)[1] == dense_stored
+    orthorank.patch(model, layers=[5], keep_ratio=KEEP)
+    assert answer(model) == (dense_answer, dense_stored)
+    assert orthorank.layer_stats(model)[5].selective_calls == 1
