@@ -180,6 +180,26 @@ def restore_forward(layer: nn.Module) -> None:
         setattr(layer, where, previous)
 
 
+# --- transformers' own hooks ------------------------------------------------------------------
+
+_CAPTURE_MODULE = "transformers.utils.output_capturing"
+
+
+def is_idle_output_hook(hook: Callable[..., Any]) -> bool:
+    """Whether ``hook`` is transformers' output-capturing forward hook while no capture runs.
+
+    transformers registers it on attention modules (and decoder layers) at the first call with
+    ``output_attentions``/``output_hidden_states`` and leaves it there; outside such a call it
+    returns at once, so a selection layer need not run its attention module's hooks for it.
+    """
+    if getattr(hook, "__module__", None) != _CAPTURE_MODULE or "output_capturing_hook" not in getattr(
+        hook, "__qualname__", ""
+    ):
+        return False
+    collector = getattr(sys.modules.get(_CAPTURE_MODULE), "_active_collector", None)
+    return collector is not None and not collector.get()  # None, or {} in a call that captures nothing
+
+
 # --- per-forward inputs of the base model ----------------------------------------------------
 
 CACHE_KWARGS: tuple[str, ...] = ("cache", "past_key_values")

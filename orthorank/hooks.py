@@ -19,7 +19,9 @@ What a hook sees in a selective pass:
         leaves them unchanged). Attention weights are not computed for every query: ``None``.
     A hook's replacement output is used at the selected tokens; at bypassed tokens it is dropped.
 
-Without hooks none of this runs: one check of the module's hook dicts per layer call.
+Without hooks none of this runs: one check of the module's hook dicts per layer call
+(transformers' own output-capturing hooks, left on the modules after a call with
+``output_attentions``/``output_hidden_states``, count only while they capture).
 """
 
 from __future__ import annotations
@@ -38,17 +40,20 @@ logger = logging.getLogger(__name__)
 
 
 def has_hooks(module: nn.Module) -> bool:
-    """Whether calling ``module`` runs any hook (the test torch's ``Module._call_impl`` makes)."""
-    return bool(
-        module._forward_hooks
-        or module._forward_pre_hooks
+    """Whether calling ``module`` runs any hook that does something (the test torch's
+    ``Module._call_impl`` makes, less transformers' output-capturing hooks while idle)."""
+    if (
+        module._forward_pre_hooks
         or module._backward_hooks
         or module._backward_pre_hooks
         or torch_module._global_forward_hooks
         or torch_module._global_forward_pre_hooks
         or torch_module._global_backward_hooks
         or torch_module._global_backward_pre_hooks
-    )
+    ):
+        return True
+    forward_hooks = module._forward_hooks
+    return bool(forward_hooks) and not all(compat.is_idle_output_hook(h) for h in forward_hooks.values())
 
 
 def hook_owners(module: nn.Module) -> list[str]:

@@ -163,6 +163,26 @@ def test_no_hooks_skip_the_module_call(monkeypatch):
         assert torch.equal(model(ids).logits, ref)
 
 
+def test_idle_output_capturing_hooks_of_transformers_skip_the_module_call(monkeypatch):
+    """transformers leaves its output-capturing hooks on the attention modules after a call with
+    ``output_attentions``; later plain calls must not pay for them. While they capture, the
+    selection layers' attention modules run them (their weights are None: not recorded)."""
+    model = tiny_model(attn="eager")
+    ids = torch.randint(3, 97, (1, 16))
+    orthorank.patch(model, layers=LAYERS, keep_ratio=KEEP)
+    calls = []
+    original = hooks.AttentionRoute.call
+    monkeypatch.setattr(hooks.AttentionRoute, "call", lambda self, *a: calls.append(1) or original(self, *a))
+    with torch.no_grad():
+        out = model(ids, output_attentions=True)
+        assert len(calls) == len(LAYERS)
+        assert len(out.attentions) == len(model.model.layers) - len(LAYERS)
+        assert model.model.layers[LAYERS[0]].self_attn._forward_hooks, "transformers keeps its hooks"
+        calls.clear()
+        model(ids)
+    assert calls == []
+
+
 def test_unpatch_restores_attention_forward_and_hooks_stay():
     model = tiny_model()
     ids = torch.randint(3, 97, (1, 16))
