@@ -31,10 +31,16 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
+import torch
 from torch import nn
 from torch.nn.modules import module as torch_module
 
 from . import compat
+from .scoring import Selection
+
+#: ``run(x, kwargs)`` of a selection layer: writes K/V, selects, and returns the selection and the
+#: selected tokens' attention output ``[batch, k, hidden]`` (``(None, None)``: nothing selected).
+SelectiveRun = Callable[[torch.Tensor, dict[str, Any]], tuple[Selection | None, torch.Tensor | None]]
 
 logger = logging.getLogger(__name__)
 
@@ -89,6 +95,7 @@ class AttentionRoute:
     def __init__(self, attn: nn.Module) -> None:
         self.attn = attn
         self._local = threading.local()
+        self._warned_weights = False
         self.original: Callable[..., Any] = compat.install_forward(attn, self)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
@@ -105,6 +112,53 @@ class AttentionRoute:
             return self.attn(**kwargs)
         finally:
             self._local.run = None
+
+    def run(
+        self, x: torch.Tensor, kwargs: dict[str, Any], run: SelectiveRun
+    ) -> tuple[Selection | None, torch.Tensor | None]:
+        """``run`` called as the attention module's forward on ``x`` ``[batch, seq, hidden]`` (the
+        normalised input) and the layer's ``kwargs``, so that the module's hooks run as in a dense
+        layer. Returns the selection and the attention output at the selected tokens
+        ``[batch, k, hidden]`` as the forward hooks leave it."""
+        self._warn_no_weights()
+        chosen_box: list[Selection | None] = []
+
+        def forward(*args: Any, **kw: Any) -> tuple[torch.Tensor, None]:
+            if len(args) > 1:
+                raise TypeError("orthorank: a hook passed the attention positional arguments besides hidden_states")
+            hs = args[0] if args else kw.pop("hidden_states")
+            if hs.shape != x.shape:
+                raise ValueError(
+                    f"orthorank: a hook on layers[{self.attn.layer_idx}].self_attn changed its input's shape "
+                    f"from {tuple(x.shape)} to {tuple(hs.shape)}; selection layers need the same tokens"
+                )
+            chosen, out = run(hs, kw)
+            chosen_box.append(chosen)
+            if chosen is None:
+                return hs.new_zeros(hs.shape), None
+            if chosen.valid is not None:
+                out = out * chosen.valid.unsqueeze(-1)
+            index = chosen.index.unsqueeze(-1).expand_as(out)
+            return out.new_zeros((*hs.shape[:2], out.shape[-1])).scatter(1, index, out), None
+
+        result = self.call(forward, {"hidden_states": x, **kwargs})
+        chosen = chosen_box[0] if chosen_box else None
+        if chosen is None:
+            return None, None
+        full = result[0]
+        return chosen, full.gather(1, chosen.index.unsqueeze(-1).expand(-1, -1, full.shape[-1]))
+
+    def _warn_no_weights(self) -> None:
+        """Under eager attention a dense layer hands its forward hooks the attention weights; a
+        selection layer cannot (it attends the selected queries only). Said once per layer."""
+        if self._warned_weights or not self.attn._forward_hooks or not compat.attention_function(self.attn)[1]:
+            return
+        self._warned_weights = True
+        logger.warning(
+            "orthorank: hooks on layers[%d].self_attn (%s) get no attention weights in this selection layer "
+            "(output[1] is None); hooks that need them (e.g. kvpress ObservedAttentionPress) do not compose",
+            self.attn.layer_idx, ", ".join(hook_owners(self.attn)),
+        )
 
     def __getstate__(self) -> dict[str, Any]:  # copy.deepcopy / pickle of a patched model
         return {**self.__dict__, "_local": None}

@@ -184,7 +184,6 @@ class SelectiveForward:
         self.original: Callable[..., Any] = layer.forward
         #: the attention module's forward while patched (runs its hooks in selective passes)
         self.route: hooks.AttentionRoute | None = None
-        self._warned_weights = False
 
     def __call__(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
         state = self.context.state
@@ -196,7 +195,7 @@ class SelectiveForward:
         if usable and state.mode == "continue" and self.decode == "bypass":
             x = self.layer.input_layernorm(hidden_states)
             if self.route is not None and hooks.has_hooks(self.attn):
-                self._hooked(x, kwargs, self._keys_values_only)
+                self.route.run(x, kwargs, self._keys_values_only)
             else:
                 self._keys_values(x, kwargs)
             return hidden_states
@@ -214,7 +213,7 @@ class SelectiveForward:
         return key, value
 
     def _keys_values_only(self, x: torch.Tensor, kwargs: dict[str, Any]) -> tuple[None, None]:
-        """A bypassing decode step: K/V written, nothing selected (for :meth:`_hooked`)."""
+        """A bypassing decode step: K/V written, nothing selected (for :meth:`AttentionRoute.run`)."""
         self._keys_values(x, kwargs)
         return None, None
 
@@ -251,7 +250,7 @@ class SelectiveForward:
         x = layer.input_layernorm(hidden_states)
         hooks.reset_prefill_state(self.attn)
         if self.route is not None and hooks.has_hooks(self.attn):
-            chosen, attn_out = self._hooked(x, kwargs, lambda hs, kw: self._attention(hs, state, kw))
+            chosen, attn_out = self.route.run(x, kwargs, lambda hs, kw: self._attention(hs, state, kw))
         else:
             chosen, attn_out = self._attention(x, state, kwargs)
         if chosen is None:
@@ -283,54 +282,6 @@ class SelectiveForward:
         query = _rotate(_heads(attn, attn.q_proj, self.q_norm, _gather(x, index)), _gather(cos, index), _gather(sin, index))
         out = self._attend(query, key, value, index, kwargs.get("attention_mask"), state)
         return chosen, attn.o_proj(out)
-
-    def _hooked(
-        self,
-        x: torch.Tensor,
-        kwargs: dict[str, Any],
-        run: Callable[[torch.Tensor, dict[str, Any]], tuple[Selection | None, torch.Tensor | None]],
-    ) -> tuple[Selection | None, torch.Tensor | None]:
-        """``run(x, kwargs)`` called as the attention module's forward, so that the module's hooks
-        run as in a dense layer (see :mod:`orthorank.hooks`); returns what ``run`` returns, the
-        attention output as the forward hooks leave it at the selected tokens."""
-        self._warn_no_weights()
-        chosen_box: list[Selection | None] = []
-
-        def forward(*args: Any, **kw: Any) -> tuple[torch.Tensor, None]:
-            if len(args) > 1:
-                raise TypeError("orthorank: a hook passed the attention positional arguments besides hidden_states")
-            hs = args[0] if args else kw.pop("hidden_states")
-            if hs.shape != x.shape:
-                raise ValueError(
-                    f"orthorank: a hook on layers[{self.attn.layer_idx}].self_attn changed its input's shape "
-                    f"from {tuple(x.shape)} to {tuple(hs.shape)}; selection layers need the same tokens"
-                )
-            chosen, out = run(hs, kw)
-            chosen_box.append(chosen)
-            if chosen is None:
-                return hs.new_zeros(hs.shape), None
-            if chosen.valid is not None:
-                out = out * chosen.valid.unsqueeze(-1)
-            full = out.new_zeros((*hs.shape[:2], out.shape[-1]))
-            return full.scatter(1, chosen.index.unsqueeze(-1).expand_as(out), out), None
-
-        result = self.route.call(forward, {"hidden_states": x, **kwargs})
-        chosen = chosen_box[0] if chosen_box else None
-        if chosen is None:
-            return None, None
-        return chosen, _gather(result[0], chosen.index)
-
-    def _warn_no_weights(self) -> None:
-        """Under eager attention a dense layer hands its forward hooks the attention weights; a
-        selection layer cannot (it attends the selected queries only). Said once per layer."""
-        if self._warned_weights or not self.attn._forward_hooks or not compat.attention_function(self.attn)[1]:
-            return
-        self._warned_weights = True
-        logger.warning(
-            "orthorank: hooks on layers[%d].self_attn (%s) get no attention weights in this selection layer "
-            "(output[1] is None); hooks that need them (e.g. kvpress ObservedAttentionPress) do not compose",
-            self.attn.layer_idx, ", ".join(hooks.hook_owners(self.attn)),
-        )
 
     def _attend(
         self,

@@ -218,7 +218,7 @@ def test_eager_forward_hooks_are_told_there_are_no_attention_weights(caplog):
 
     model.model.layers[1].self_attn.register_forward_hook(wants_weights)
     orthorank.patch(model, layers=[1], keep_ratio=KEEP)
-    with caplog.at_level(logging.WARNING, logger="orthorank.layer"), torch.no_grad():
+    with caplog.at_level(logging.WARNING, logger="orthorank.hooks"), torch.no_grad():
         model(torch.randint(3, 97, (1, 16)))
         model(torch.randint(3, 97, (1, 16)))
     warned = [r.getMessage() for r in caplog.records if "no attention weights" in r.getMessage()]

@@ -140,7 +140,7 @@ def test_observed_attention_press_is_refused_with_a_named_warning(caplog):
     with press(model), torch.no_grad():  # works on the dense model
         model(_ids(), use_cache=True, **{cache_kwarg(model.model.layers[0]): DynamicCache(config=model.config)})
     orthorank.patch(model, layers=LAYERS, keep_ratio=KEEP)
-    with caplog.at_level(logging.WARNING, logger="orthorank.layer"), press(model), torch.no_grad():
+    with caplog.at_level(logging.WARNING, logger="orthorank.hooks"), press(model), torch.no_grad():
         with pytest.raises(AssertionError, match="eager"):
             model(_ids(), use_cache=True, **{cache_kwarg(model.model.layers[0]): DynamicCache(config=model.config)})
     assert any("ObservedAttentionPress" in r.getMessage() and "no attention weights" in r.getMessage()
