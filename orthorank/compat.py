@@ -86,8 +86,25 @@ def supported_model_types() -> tuple[str, ...]:
     return tuple(sorted(ARCHITECTURES))
 
 
+def unwrap(model: nn.Module) -> nn.Module:
+    """The transformers model inside a wrapper that exposes it by ``get_base_model()``: PEFT's
+    ``PeftModel`` (LoRA: the adapted ``...ForCausalLM``, whose projections are LoRA modules).
+    Duck-typed, so peft is never imported; any other model is returned as it is."""
+    for _ in range(4):  # a wrapper of a wrapper at most a few deep
+        get = getattr(type(model), "get_base_model", None)
+        if not callable(get):
+            return model
+        inner = model.get_base_model()
+        if inner is model or not isinstance(inner, nn.Module):
+            return model
+        model = inner
+    return model
+
+
 def base_model(model: nn.Module) -> nn.Module:
-    """The module that owns ``layers`` (``LlamaModel`` inside ``LlamaForCausalLM``)."""
+    """The module that owns ``layers`` (``LlamaModel`` inside ``LlamaForCausalLM``, also inside a
+    PEFT ``PeftModel``)."""
+    model = unwrap(model)
     for candidate in (model, getattr(model, "model", None)):
         if candidate is not None and isinstance(getattr(candidate, "layers", None), nn.ModuleList):
             return candidate
@@ -96,7 +113,7 @@ def base_model(model: nn.Module) -> nn.Module:
 
 def arch_spec(model: nn.Module) -> ArchSpec:
     """Return the spec of ``model``'s architecture or refuse it by name."""
-    config = getattr(model, "config", None)
+    config = getattr(unwrap(model), "config", None)
     model_type = getattr(config, "model_type", None)
     if model_type not in ARCHITECTURES:
         raise TypeError(
@@ -161,6 +178,26 @@ def restore_forward(layer: nn.Module) -> None:
         del layer.__dict__["forward"]
     else:
         setattr(layer, where, previous)
+
+
+# --- transformers' own hooks ------------------------------------------------------------------
+
+_CAPTURE_MODULE = "transformers.utils.output_capturing"
+
+
+def is_idle_output_hook(hook: Callable[..., Any]) -> bool:
+    """Whether ``hook`` is transformers' output-capturing forward hook while no capture runs.
+
+    transformers registers it on attention modules (and decoder layers) at the first call with
+    ``output_attentions``/``output_hidden_states`` and leaves it there; outside such a call it
+    returns at once, so a selection layer need not run its attention module's hooks for it.
+    """
+    if getattr(hook, "__module__", None) != _CAPTURE_MODULE or "output_capturing_hook" not in getattr(
+        hook, "__qualname__", ""
+    ):
+        return False
+    collector = getattr(sys.modules.get(_CAPTURE_MODULE), "_active_collector", None)
+    return collector is not None and not collector.get()  # None, or {} in a call that captures nothing
 
 
 # --- per-forward inputs of the base model ----------------------------------------------------

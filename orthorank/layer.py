@@ -18,7 +18,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from . import compat
+from . import compat, hooks
 from .config import tokens_to_keep, tokens_to_keep_per_row
 from .scoring import Selection, select_padded, select_uniform, token_scores
 
@@ -220,6 +220,8 @@ class SelectiveForward:
         self.stats = LayerStats()
         #: the forward this one replaced; set by :func:`compat.install_forward`'s caller
         self.original: Callable[..., Any] = layer.forward
+        #: the attention module's forward while patched (runs its hooks in selective passes)
+        self.route: hooks.AttentionRoute | None = None
 
     def __call__(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
         state = kwargs.pop(STATE_KWARG) if STATE_KWARG in kwargs else self.context.state
@@ -229,7 +231,11 @@ class SelectiveForward:
             return self.select(hidden_states, state.to(hidden_states.device), kwargs)
         self.stats.other_calls += 1
         if usable and state.mode == "continue" and self.decode == "bypass":
-            self._keys_values(self.layer.input_layernorm(hidden_states), kwargs)
+            x = self.layer.input_layernorm(hidden_states)
+            if self.route is not None and hooks.has_hooks(self.attn):
+                self.route.run(x, kwargs, self._keys_values_only)
+            else:
+                self._keys_values(x, kwargs)
             return hidden_states
         return self.original(hidden_states, *args, **kwargs)
 
@@ -243,6 +249,11 @@ class SelectiveForward:
         if cache is not None:
             key, value = compat.update_cache(cache, key, value, attn.layer_idx, kwargs)
         return key, value
+
+    def _keys_values_only(self, x: torch.Tensor, kwargs: dict[str, Any]) -> tuple[None, None]:
+        """A bypassing decode step: K/V written, nothing selected (for :meth:`AttentionRoute.run`)."""
+        self._keys_values(x, kwargs)
+        return None, None
 
     def _generator(self, device: torch.device) -> torch.Generator | None:
         """The ``random`` selector's generator on ``device`` (made on first use, seeded).
@@ -272,27 +283,46 @@ class SelectiveForward:
         return select_padded(scores, state.real, state.sink, keep, k)
 
     def select(self, hidden_states: torch.Tensor, state: ForwardState, kwargs: dict[str, Any]) -> torch.Tensor:
-        """``[batch, seq, hidden]`` -> ``[batch, seq, hidden]``, updating only the selected tokens."""
-        layer, attn = self.layer, self.attn
+        """``[batch, seq, hidden]`` -> ``[batch, seq, hidden]``, updating only the selected tokens.
+
+        Hooks on the MLP module see the selected tokens only (``[batch, k, hidden]``).
+        """
+        layer = self.layer
         x = layer.input_layernorm(hidden_states)
-        key, value = self._keys_values(x, kwargs)
-        chosen = self._choose(x, state)
-        self.stats.selective_calls += 1
-        self.stats.tokens += hidden_states.shape[0] * hidden_states.shape[1]
+        hooks.reset_prefill_state(self.attn)
+        if self.route is not None and hooks.has_hooks(self.attn):
+            chosen, attn_out = self.route.run(x, kwargs, lambda hs, kw: self._attention(hs, state, kw))
+        else:
+            chosen, attn_out = self._attention(x, state, kwargs)
         if chosen is None:
             return hidden_states
         index = chosen.index
-        self.stats.updated += index.numel()
-
-        cos, sin = kwargs["position_embeddings"]
-        query = _rotate(_heads(attn, attn.q_proj, self.q_norm, _gather(x, index)), _gather(cos, index), _gather(sin, index))
-        out = self._attend(query, key, value, index, kwargs.get("attention_mask"), state)
         residual = _gather(hidden_states, index)
-        h = residual + attn.o_proj(out)
+        h = residual + attn_out
         h = h + layer.mlp(layer.post_attention_layernorm(h))
         if chosen.valid is not None:
             h = torch.where(chosen.valid.unsqueeze(-1), h, residual)
         return hidden_states.scatter(1, index.unsqueeze(-1).expand(-1, -1, h.shape[-1]), h)
+
+    def _attention(
+        self, x: torch.Tensor, state: ForwardState, kwargs: dict[str, Any]
+    ) -> tuple[Selection | None, torch.Tensor | None]:
+        """Write the K/V of all tokens of ``x`` ``[batch, seq, hidden]`` (normalised), select, and
+        return the selection and the selected tokens' attention output ``[batch, k, hidden]``
+        (after ``o_proj``); ``(None, None)`` when no token is selected."""
+        attn = self.attn
+        key, value = self._keys_values(x, kwargs)
+        chosen = self._choose(x, state)
+        self.stats.selective_calls += 1
+        self.stats.tokens += x.shape[0] * x.shape[1]
+        if chosen is None:
+            return None, None
+        index = chosen.index
+        self.stats.updated += index.numel()
+        cos, sin = kwargs["position_embeddings"]
+        query = _rotate(_heads(attn, attn.q_proj, self.q_norm, _gather(x, index)), _gather(cos, index), _gather(sin, index))
+        out = self._attend(query, key, value, index, kwargs.get("attention_mask"), state)
+        return chosen, attn.o_proj(out)
 
     def _attend(
         self,

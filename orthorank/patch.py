@@ -19,6 +19,7 @@ from torch import nn
 
 from . import compat
 from .config import DEFAULT_KEEP_RATIO, DEFAULT_SPARSITY, PatchOptions, check_fraction
+from .hooks import AttentionRoute
 from .layer import (
     STATE_KWARG, DenseForward, ForwardContext, ForwardState, LayerStats, RemovedForward, SelectiveForward,
 )
@@ -198,6 +199,8 @@ def _install(model: nn.Module, new_plan: Plan, options: PatchOptions, spec: comp
                 seed=options.seed + i,
             )
         forward.original = compat.install_forward(layer, forward)
+        if isinstance(forward, SelectiveForward):
+            forward.route = AttentionRoute(layer.self_attn)
         handle.forwards[i] = forward
     if new_plan.selection_layers:
         for i, layer in enumerate(compat.decoder_layers(model)):
@@ -258,8 +261,12 @@ def unpatch(model: nn.Module) -> nn.Module:
     if handle is None:
         return model
     layers = compat.decoder_layers(model)
-    for i in [*handle.forwards, *handle.relays]:
+    for i in handle.relays:
         compat.restore_forward(layers[i])
+    for i, forward in handle.forwards.items():
+        compat.restore_forward(layers[i])
+        if getattr(forward, "route", None) is not None:
+            forward.route.remove()
     if handle.hook is not None:
         handle.hook.remove()
     delattr(base, _HANDLE)
