@@ -81,6 +81,12 @@ class ForwardContext:
             f"orthorank_forward_state_{id(self):x}", default=None
         )
 
+    def __getstate__(self) -> dict[str, Any]:  # copy.deepcopy / pickle of a patched model
+        return {}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__init__()
+
     @property
     def state(self) -> ForwardState | None:
         """The state set in this thread / task (``None`` when none is)."""
