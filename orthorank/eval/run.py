@@ -96,7 +96,9 @@ def make_task_manager(tasks: Sequence[str], include_path: Any = None) -> Any:
     return TaskManager(include_path=include_path)
 
 
-def lm_eval_model(model: nn.Module, tokenizer: PreTrainedTokenizerBase, *, batch_size: int = 1, max_length: int | None = None) -> Any:
+def lm_eval_model(
+    model: nn.Module, tokenizer: PreTrainedTokenizerBase, *, batch_size: int = 1, max_length: int | None = None
+) -> Any:
     """The lm-eval model object (:class:`orthorank.eval.adapter.MaskedHFLM`) for a loaded model.
 
     Pass it to ``lm_eval.simple_evaluate(model=...)`` to use any other lm-eval option.
