@@ -27,9 +27,13 @@ from .runner import LossRunner
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["SearchConfig", "calibrate", "calibration_ids", "perplexity", "plan_at_round", "search_plan"]
+__all__ = [
+    "SearchConfig", "calibrate", "calibration_ids", "perplexity", "plan_at_round", "removal_search", "search_plan",
+]
 
 _TOL = 1e-9
+#: a removal plan competes with a searched plan when their sparsities differ by at most this much
+SAME_SPARSITY = 0.005
 
 
 @dataclass(frozen=True)
@@ -167,6 +171,46 @@ def plan_at_round(plan: Plan, rounds: int) -> Plan:
     return Plan(tuple(ratios), plan.selector, plan.model_type, plan.method, meta)
 
 
+def removal_search(
+    runner: LossRunner, blocks: int, *, exclude: Sequence[int] = (0, -1), method: str = "sleb", progress: bool = True
+) -> Plan:
+    """SLEB's greedy block removal: ``blocks`` rounds, each removing the block that raises the loss least.
+
+    Every eligible block is re-scored every round (no shortlist), as in SLEB.
+    """
+    eligible = SearchConfig(0.0, exclude=tuple(exclude)).eligible(runner.num_layers)
+    if isinstance(blocks, bool) or not isinstance(blocks, int) or not 0 <= blocks <= len(eligible):
+        raise ValueError(f"blocks must be an int in [0, {len(eligible)}] (the eligible blocks), got {blocks!r}")
+    config = SearchConfig(sparsity=blocks / runner.num_layers, levels=(1.0, 0.0), exclude=tuple(exclude))
+    return search_plan(runner, config, method=method, progress=progress)
+
+
+def _versus_removal(runner: LossRunner, plan: Plan, exclude: Sequence[int], progress: bool) -> Plan:
+    """``plan``, or the SLEB plan of the same sparsity (within :data:`SAME_SPARSITY`) when its
+    calibration loss is lower. The comparison is recorded in ``meta["versus_removal"]``."""
+    blocks = round(plan.sparsity * runner.num_layers)
+    eligible = len(SearchConfig(0.0, exclude=tuple(exclude)).eligible(runner.num_layers))
+    if plan.is_dense or abs(blocks / runner.num_layers - plan.sparsity) > SAME_SPARSITY or not 1 <= blocks <= eligible:
+        plan.meta["versus_removal"] = None
+        return plan
+    removal = removal_search(runner, blocks, exclude=exclude, method=plan.method, progress=progress)
+    searched_loss, removal_loss = plan.meta["final_loss"], removal.meta["final_loss"]
+    chosen = removal if removal_loss < searched_loss else plan
+    comparison = {"searched_loss": searched_loss, "removal_loss": removal_loss, "removal_blocks": blocks,
+                  "chosen": "removal" if chosen is removal else "searched",
+                  "removal_forward_passes": removal.meta["forward_passes"]}
+    if chosen is removal:
+        comparison["searched_rounds"] = plan.meta["rounds"]
+        for key in ("levels", "jumps", "shortlist"):
+            removal.meta[key] = plan.meta[key]
+    chosen.meta["versus_removal"] = comparison
+    chosen.meta["forward_passes"] = round(runner.cost.forward_passes, 2)
+    chosen.meta["seconds"] = round(plan.meta["seconds"] + removal.meta["seconds"], 1)
+    logger.info("orthorank: searched plan loss %.4f, removal (SLEB) plan loss %.4f at sparsity %.3f: %s wins",
+                searched_loss, removal_loss, plan.sparsity, comparison["chosen"])
+    return chosen
+
+
 def calibration_ids(
     tokenizer: Any, texts_or_ids: Sequence[str] | torch.Tensor, *, window: int, n_windows: int | None
 ) -> torch.Tensor:
@@ -195,6 +239,7 @@ def calibrate(
     window: int = 512,
     n_windows: int | None = 2,
     batch_size: int = 1,
+    versus_removal: bool = True,
     progress: bool = True,
 ) -> Plan:
     """Search the plan of ``model`` at ``sparsity`` on calibration text (see the module docstring).
@@ -211,6 +256,10 @@ def calibrate(
             with ``jumps=False`` is the paper's search (selection layers only).
         levels, exclude, selector, jumps: see :class:`SearchConfig`.
         batch_size: windows per forward pass.
+        versus_removal: also run SLEB's block removal to the same sparsity (when whole blocks reach
+            it within :data:`SAME_SPARSITY`) on the same windows and return whichever plan has the
+            lower calibration loss (so the result is never worse than layer pruning on the
+            calibration text; it costs one more search). ``meta["versus_removal"]`` records both.
         progress: show a progress bar.
 
     Returns:
@@ -228,6 +277,8 @@ def calibrate(
     ids = calibration_ids(tokenizer, texts_or_ids, window=window, n_windows=n_windows)
     runner = LossRunner(model, ids, batch_size=batch_size)
     plan = search_plan(runner, config, progress=progress)
+    if versus_removal:
+        plan = _versus_removal(runner, plan, config.exclude, progress)
     seq = ids.shape[1]
     plan.meta.update(flops_saved=round(plan.flops_fraction(model.config, seq), 4), flops_seq_len=seq)
     logger.info("orthorank: calibrated %s", plan)
@@ -248,6 +299,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--window", type=int, default=512, help="tokens per calibration window")
     p.add_argument("--shortlist", type=int, default=10)
     p.add_argument("--selection-only", action="store_true", help="the paper's search: no removed layers")
+    p.add_argument("--no-versus-removal", action="store_true", help="skip the final comparison with SLEB")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16")
     p.add_argument("--out", default="plan.json")
@@ -259,6 +311,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         model, tokenizer, wiki_texts("calib"), args.sparsity, keep_ratio=args.keep_ratio,
         window=args.window, n_windows=args.windows, shortlist=args.shortlist,
         levels=(1.0, args.keep_ratio) if args.selection_only else None, jumps=not args.selection_only,
+        versus_removal=not args.no_versus_removal,
     )
     plan.save(args.out)
     print(plan)

@@ -142,3 +142,46 @@ def test_shortlist_limits_later_rounds():
     assert short.meta["forward_passes"] < full.meta["forward_passes"]
     with pytest.raises(ValueError, match="shortlist"):
         SearchConfig(0.1, shortlist=0)
+
+
+def two_cheap_layers_model() -> torch.nn.Module:
+    """Like :func:`cheap_layer_model` with layers 2 and 3 both near-identity."""
+    model = cheap_layer_model()
+    with torch.no_grad():
+        model.model.layers[2].self_attn.o_proj.weight.zero_()
+        model.model.layers[2].mlp.down_proj.weight.zero_()
+    return model
+
+
+def test_final_comparison_returns_the_removal_plan_when_its_loss_is_lower():
+    from orthorank.baselines import sleb_plan
+
+    model = two_cheap_layers_model()
+    ids = sampled_ids(model, rows=2, seq=16)
+    # sparsity 1/3: three selection layers (one of them costly) or two removed blocks (both free)
+    searched = calibrate(model, None, ids, sparsity=1 / 3, levels=(1.0, 1 / 3), jumps=False,
+                         versus_removal=False, progress=False)
+    assert len(searched.selection_layers) == 3 and "versus_removal" not in searched.meta
+    plan = calibrate(model, None, ids, sparsity=1 / 3, levels=(1.0, 1 / 3), jumps=False, progress=False)
+    assert plan.removed_layers == [2, 3] and plan.selection_layers == []
+    assert plan.keep_ratios == sleb_plan(model, ids, 1 / 3, progress=False).keep_ratios
+    versus = plan.meta["versus_removal"]
+    assert versus["chosen"] == "removal" and versus["removal_blocks"] == 2
+    assert versus["searched_loss"] == pytest.approx(searched.meta["final_loss"])
+    assert versus["removal_loss"] < versus["searched_loss"] and plan.meta["final_loss"] == versus["removal_loss"]
+    assert versus["searched_rounds"] == searched.meta["rounds"]
+    assert plan.meta["forward_passes"] > searched.meta["forward_passes"]
+
+
+def test_final_comparison_keeps_the_searched_plan_when_it_is_no_worse():
+    model = tiny_model(layers=6, initializer_range=0.2)
+    ids = sampled_ids(model, rows=2, seq=16)
+    plan = calibrate(model, None, ids, sparsity=1 / 3, progress=False)  # hybrid: removal is among its moves
+    versus = plan.meta["versus_removal"]
+    assert plan.sparsity == pytest.approx(1 / 3)
+    assert plan.meta["final_loss"] == min(versus["searched_loss"], versus["removal_loss"])
+    chosen_is_removal = versus["chosen"] == "removal"
+    assert chosen_is_removal == (versus["removal_loss"] < versus["searched_loss"])
+    # no whole number of blocks is within 0.005 of 2/3 / 6: nothing to compare
+    odd = calibrate(model, None, ids, sparsity=(2 / 3) / 6, levels=(1.0, 1 / 3), progress=False)
+    assert odd.meta["versus_removal"] is None and len(odd.selection_layers) == 1
