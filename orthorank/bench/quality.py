@@ -180,23 +180,32 @@ def prefill_next_token_nll(
 
 @torch.inference_mode()
 def chat_answers(
-    model: nn.Module, tokenizer: Any, questions: Sequence[str], *, new_tokens: int = 24
+    model: nn.Module, tokenizer: Any, questions: Sequence[str], *, new_tokens: int = 24, batch_size: int = 16
 ) -> list[list[int]]:
     """Greedy answers (at most ``new_tokens`` tokens, up to end-of-text) to each question as a chat turn.
 
-    One question at a time (prompts differ in length; no padding). Returns the answer token ids.
+    Prompts of a batch are left-padded with an attention mask. Returns the answer token ids, each
+    cut after its first end-of-text token.
     """
     from .tasks import chat_prompt_ids
 
     if isinstance(new_tokens, bool) or not isinstance(new_tokens, int) or new_tokens < 1:
         raise ValueError(f"new_tokens must be a positive int, got {new_tokens!r}")
+    batch_size = check_batch_size(batch_size)
     device = _device(model)
+    pad = _pad_id(model, tokenizer)
+    eos = getattr(tokenizer, "eos_token_id", None)
     answers = []
-    for question in questions:
-        ids = torch.tensor([chat_prompt_ids(tokenizer, question)], dtype=torch.long, device=device)
-        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,
-                             max_new_tokens=new_tokens, pad_token_id=_pad_id(model, tokenizer))
-        answer = out[0, ids.shape[1] :].tolist()
-        eos = getattr(tokenizer, "eos_token_id", None)
-        answers.append(answer[: answer.index(eos) + 1] if eos in answer else answer)
+    for start in range(0, len(questions), batch_size):
+        prompts = [chat_prompt_ids(tokenizer, q) for q in questions[start : start + batch_size]]
+        width = max(len(p) for p in prompts)
+        ids = torch.full((len(prompts), width), pad, dtype=torch.long)
+        mask = torch.zeros(len(prompts), width, dtype=torch.long)
+        for row, prompt in enumerate(prompts):
+            ids[row, width - len(prompt) :] = torch.tensor(prompt)
+            mask[row, width - len(prompt) :] = 1
+        out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), do_sample=False,
+                             max_new_tokens=new_tokens, pad_token_id=pad)
+        for answer in out[:, width:].tolist():
+            answers.append(answer[: answer.index(eos) + 1] if eos in answer else answer)
     return answers
