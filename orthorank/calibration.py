@@ -89,9 +89,19 @@ def _steps(ratios: tuple[float, ...], layer: int, config: SearchConfig) -> list[
 
 
 def search_plan(
-    runner: LossRunner, config: SearchConfig, *, method: str = "calibrated", progress: bool = True
+    runner: LossRunner,
+    config: SearchConfig,
+    *,
+    method: str = "calibrated",
+    progress: bool = True,
+    start: Plan | None = None,
 ) -> Plan:
-    """Greedy search from the dense plan to ``config.sparsity`` (see the module docstring).
+    """Greedy search from the dense plan (or from ``start``) to ``config.sparsity`` (see the module docstring).
+
+    Args:
+        start: a plan made by an earlier search on the same windows (e.g. a prefix of a search
+            to a higher sparsity, :func:`plan_at_round`): its rounds are kept and the search goes
+            on from it. Its first round here re-scores every candidate (no shortlist yet).
 
     Returns a plan whose ``meta`` records the search: rounds (layer, new keep ratio, loss), dense
     and final loss, forward passes (full-forward equivalents over the calibration windows) and
@@ -101,10 +111,19 @@ def search_plan(
     n = runner.num_layers
     eligible = config.eligible(n)
     target = config.sparsity
-    current = Plan((1.0,) * n, selector=config.selector, model_type=runner.model_type, method=method)
-    parent = runner.record(current)
-    dense_loss = parent.loss
     history: list[dict[str, Any]] = []
+    dense_loss = None
+    if start is not None:
+        if not isinstance(start, Plan) or not isinstance(start.meta.get("rounds"), list):
+            raise TypeError("start must be a Plan made by a search (with meta['rounds'])")
+        start.check_model(n, runner.model_type)
+        history = [dict(r) for r in start.meta["rounds"]]
+        dense_loss = start.meta.get("dense_loss")
+    ratios0 = start.keep_ratios if start is not None else (1.0,) * n
+    current = Plan(ratios0, selector=config.selector, model_type=runner.model_type, method=method)
+    parent = runner.record(current)
+    if dense_loss is None:
+        dense_loss = parent.loss
     last_cost: dict[tuple[int, float], float] = {}
     bar = tqdm(desc=f"{method} search", unit="cand", disable=not progress)
     while True:

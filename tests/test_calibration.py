@@ -185,3 +185,20 @@ def test_final_comparison_keeps_the_searched_plan_when_it_is_no_worse():
     # no whole number of blocks is within 0.005 of 2/3 / 6: nothing to compare
     odd = calibrate(model, None, ids, sparsity=(2 / 3) / 6, levels=(1.0, 1 / 3), progress=False)
     assert odd.meta["versus_removal"] is None and len(odd.selection_layers) == 1
+
+
+def test_search_resumed_from_a_prefix_reaches_the_target_and_keeps_its_rounds():
+    from orthorank.calibration import search_plan
+
+    model = cheap_layer_model()
+    ids = sampled_ids(model, rows=2, seq=16)
+    runner = LossRunner(model, ids)
+    long = search_plan(runner, SearchConfig(0.5, levels=(1.0, 1 / 3, 0.0), jumps=True), progress=False)
+    first = plan_at_round(long, 1)
+    resumed = search_plan(runner, SearchConfig(1 / 3, levels=(1.0, 1 / 3, 0.0), jumps=True), progress=False, start=first)
+    fresh = search_plan(runner, SearchConfig(1 / 3, levels=(1.0, 1 / 3, 0.0), jumps=True), progress=False)
+    assert resumed.meta["rounds"][0] == long.meta["rounds"][0]
+    assert resumed.keep_ratios == fresh.keep_ratios and resumed.sparsity == pytest.approx(1 / 3)
+    assert resumed.meta["dense_loss"] == long.meta["dense_loss"]
+    with pytest.raises(TypeError, match="start"):
+        search_plan(runner, SearchConfig(0.25), progress=False, start=orthorank.Plan((1.0,) * 6))

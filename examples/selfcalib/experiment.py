@@ -12,6 +12,7 @@ to ``--out`` (re-running skips finished recipes). bf16 throughout, 1 thread.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import re
@@ -126,11 +127,15 @@ def main() -> None:
         runner = LossRunner(model, ids)
         t1 = time.perf_counter()
         if r["search"] == "hybridx":
-            plans = {}
+            # exact targets: one search to the top; each lower target resumes from the last prefix below it
+            config = SearchConfig(top, levels=SEARCHES["hybrid"][0], jumps=True, shortlist=r["shortlist"])
+            full = search_plan(runner, config, progress=False)
+            plans = {top: full}
             for s in args.sparsities:
-                plans[s] = search_plan(runner, SearchConfig(s, levels=SEARCHES["hybrid"][0], jumps=True,
-                                                            shortlist=r["shortlist"]), progress=False)
-            full = plans[top]
+                if s != top:
+                    k = max(k for k in range(len(full.meta["rounds"]) + 1) if plan_at_round(full, k).sparsity <= s + 1e-9)
+                    plans[s] = search_plan(runner, dataclasses.replace(config, sparsity=s), progress=False,
+                                           start=plan_at_round(full, k))
         elif r["search"] == "sleb":
             full = sleb_plan(model, ids, top, progress=False)
             plans = {s: plan_at_round(full, blocks_to_remove(n_layers, s)) for s in args.sparsities}
