@@ -6,7 +6,7 @@
 ``--heldout`` evaluates the saved plans ``examples/plans/<row>@<s>.json`` of :data:`HELDOUT_ROWS`
 on the wiki ``eval`` split and on outside prose (``examples/selfcalib/heldout.py``), 4x1024 tokens
 each: perplexity at every sparsity, and at ``--faithful-at`` the next-token NLL right after a
-prefill of sampled prefixes and greedy chat agreement with dense (``orthorank.bench``). Results
+prefill of sampled prefixes (8 lengths in [16, 511] x 8 windows) and greedy chat agreement with dense (``orthorank.bench``). Results
 are cached in ``examples/plans/heldout.json``; the table goes to ``examples/plans/heldout.md``.
 
 Calibration and evaluation windows come from the disjoint ``calib`` / ``eval`` splits of
@@ -53,7 +53,8 @@ def parse() -> argparse.Namespace:
     p.add_argument("--table-only", action="store_true", help="only write <out>/table.md from results.json")
     p.add_argument("--heldout", action="store_true", help="the held-out table of saved plans (see the docstring)")
     p.add_argument("--faithful-at", type=float, default=0.2, help="sparsity of the next-token and chat columns")
-    p.add_argument("--prefixes", type=int, default=4, help="sampled prefix lengths per window (next-token NLL)")
+    p.add_argument("--prefixes", type=int, default=8, help="sampled prefix lengths (next-token NLL, first 512 tokens of each window)")
+    p.add_argument("--rows", nargs="+", default=None, help="only these rows of HELDOUT_ROWS (default: all)")
     p.add_argument("--methods", nargs="+", default=["dense", "default", "orthorank", "hybrid", "shortgpt", "sleb"],
                    help=f"among dense, default, shortgpt, sleb, {', '.join(VARIANTS)}")
     return p.parse_args()
@@ -187,7 +188,11 @@ def heldout_table(args: argparse.Namespace) -> None:
         return Plan.load(file) if file.is_file() else None
 
     for row, (_, stem) in HELDOUT_ROWS.items():
-        for s in ([0.0] if stem is None else args.sparsities):
+        if args.rows and row not in args.rows:
+            continue
+        # the old default is shown only where the faithful metrics are (it is far off everywhere)
+        targets = [0.0] if stem is None else [args.faithful_at] if row == "olddefault" else args.sparsities
+        for s in targets:
             plan = Plan((1.0,) * n, model_type="llama", method="dense") if stem is None else plan_for(stem, s)
             if plan is None:
                 log.info("%s@%s: no plan file, skipped", row, s)
@@ -202,7 +207,7 @@ def heldout_table(args: argparse.Namespace) -> None:
                     entry[f"ppl_{name}"] = round(math.exp(runner.loss(plan)), 3)
             if (stem is None or abs(s - args.faithful_at) < 1e-9) and "chat_answers" not in entry:
                 with patched(model, plan=plan):
-                    nll = [quality.prefill_next_token_nll(model, w, args.prefixes, batch_size=4) for w in sets.values()]
+                    nll = [quality.prefill_next_token_nll(model, w[:, :512], args.prefixes, batch_size=4) for w in sets.values()]
                     answers = quality.chat_answers(model, tok, questions, new_tokens=24)
                 entry["next_token_ppl"] = round(math.exp(sum(nll) / len(nll)), 3)
                 entry["chat_answers"] = answers
