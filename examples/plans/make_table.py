@@ -202,6 +202,9 @@ def heldout_table(args: argparse.Namespace) -> None:
             if entry is None or entry.get("keep_ratios") != list(plan.keep_ratios):
                 entry = {"keep_ratios": list(plan.keep_ratios), "sparsity": round(plan.sparsity, 4),
                          "selection": plan.selection_layers, "removed": plan.removed_layers}
+            for other in results.values():  # the same plan in another row: its measurements hold here too
+                if other is not entry and other.get("keep_ratios") == list(plan.keep_ratios):
+                    entry.update({k: v for k, v in other.items() if k.startswith(("ppl_", "next_", "chat_")) and k not in entry})
             for name, runner in runners.items():
                 if f"ppl_{name}" not in entry:
                     entry[f"ppl_{name}"] = round(math.exp(runner.loss(plan)), 3)
