@@ -204,9 +204,12 @@ def removal_search(
     return search_plan(runner, config, method=method, progress=progress)
 
 
-def _versus_removal(runner: LossRunner, plan: Plan, exclude: Sequence[int], progress: bool) -> Plan:
-    """``plan``, or the SLEB plan of the same sparsity (within :data:`SAME_SPARSITY`) when its
-    calibration loss is lower. The comparison is recorded in ``meta["versus_removal"]``."""
+def _versus_removal(
+    runner: LossRunner, plan: Plan, exclude: Sequence[int], progress: bool, check: LossRunner | None = None
+) -> Plan:
+    """``plan``, or the SLEB plan of the same sparsity (within :data:`SAME_SPARSITY`) when its loss
+    is lower: on ``check`` (held-back windows neither search saw) if given, else on the search
+    windows. The comparison is recorded in ``meta["versus_removal"]``."""
     blocks = round(plan.sparsity * runner.num_layers)
     eligible = len(SearchConfig(0.0, exclude=tuple(exclude)).eligible(runner.num_layers))
     if plan.is_dense or abs(blocks / runner.num_layers - plan.sparsity) > SAME_SPARSITY or not 1 <= blocks <= eligible:
@@ -214,10 +217,15 @@ def _versus_removal(runner: LossRunner, plan: Plan, exclude: Sequence[int], prog
         return plan
     removal = removal_search(runner, blocks, exclude=exclude, method=plan.method, progress=progress)
     searched_loss, removal_loss = plan.meta["final_loss"], removal.meta["final_loss"]
+    comparison: dict[str, Any] = {"searched_loss": searched_loss, "removal_loss": removal_loss, "removal_blocks": blocks,
+                                  "judged_on": "search windows"}
+    if check is not None:
+        searched_loss, removal_loss = check.loss(plan), check.loss(removal)
+        comparison.update(judged_on=f"{check.ids.shape[0]} held-back windows", searched_check_loss=round(searched_loss, 6),
+                          removal_check_loss=round(removal_loss, 6))
     chosen = removal if removal_loss < searched_loss else plan
-    comparison = {"searched_loss": searched_loss, "removal_loss": removal_loss, "removal_blocks": blocks,
-                  "chosen": "removal" if chosen is removal else "searched",
-                  "removal_forward_passes": removal.meta["forward_passes"]}
+    comparison.update(chosen="removal" if chosen is removal else "searched",
+                      removal_forward_passes=removal.meta["forward_passes"])
     if chosen is removal:
         comparison["searched_rounds"] = plan.meta["rounds"]
         for key in ("levels", "jumps", "shortlist"):
@@ -225,8 +233,8 @@ def _versus_removal(runner: LossRunner, plan: Plan, exclude: Sequence[int], prog
     chosen.meta["versus_removal"] = comparison
     chosen.meta["forward_passes"] = round(runner.cost.forward_passes, 2)
     chosen.meta["seconds"] = round(plan.meta["seconds"] + removal.meta["seconds"], 1)
-    logger.info("orthorank: searched plan loss %.4f, removal (SLEB) plan loss %.4f at sparsity %.3f: %s wins",
-                searched_loss, removal_loss, plan.sparsity, comparison["chosen"])
+    logger.info("orthorank: searched plan loss %.4f, removal (SLEB) plan loss %.4f at sparsity %.3f (%s): %s wins",
+                searched_loss, removal_loss, plan.sparsity, comparison["judged_on"], comparison["chosen"])
     return chosen
 
 
@@ -259,6 +267,7 @@ def calibrate(
     n_windows: int | None = 2,
     batch_size: int = 1,
     versus_removal: bool = True,
+    check_windows: int = 4,
     progress: bool = True,
 ) -> Plan:
     """Search the plan of ``model`` at ``sparsity`` on calibration text (see the module docstring).
@@ -277,14 +286,19 @@ def calibrate(
         batch_size: windows per forward pass.
         versus_removal: also run SLEB's block removal to the same sparsity (when whole blocks reach
             it within :data:`SAME_SPARSITY`) on the same windows and return whichever plan has the
-            lower calibration loss (so the result is never worse than layer pruning on the
-            calibration text; it costs one more search). ``meta["versus_removal"]`` records both.
+            lower loss (it costs one more search). ``meta["versus_removal"]`` records both.
+        check_windows: with texts, the two plans are compared on this many further windows cut
+            after the search windows (text neither search saw: on the search windows the
+            search's own plan is favoured by overfitting); with token ids, or when the texts
+            run out, on the search windows.
         progress: show a progress bar.
 
     Returns:
         A :class:`orthorank.Plan` with ``method="calibrated"`` and the search cost in ``meta``.
     """
     keep_ratio = check_fraction("keep_ratio", keep_ratio, low_open=False, high_open=True)
+    if isinstance(check_windows, bool) or not isinstance(check_windows, int) or check_windows < 0:
+        raise ValueError(f"check_windows must be an int >= 0, got {check_windows!r}")
     config = SearchConfig(
         sparsity=sparsity,
         levels=tuple(levels) if levels is not None else (1.0, keep_ratio, 0.0),
@@ -294,10 +308,17 @@ def calibrate(
         shortlist=shortlist,
     )
     ids = calibration_ids(tokenizer, texts_or_ids, window=window, n_windows=n_windows)
+    check = None
+    if versus_removal and check_windows and not isinstance(texts_or_ids, torch.Tensor) and n_windows is not None:
+        try:
+            more = calibration_ids(tokenizer, texts_or_ids, window=window, n_windows=n_windows + check_windows)
+            check = LossRunner(model, more[n_windows:], batch_size=batch_size)
+        except ValueError:
+            logger.info("orthorank: not enough text for %d held-back windows; comparing on the search windows", check_windows)
     runner = LossRunner(model, ids, batch_size=batch_size)
     plan = search_plan(runner, config, progress=progress)
     if versus_removal:
-        plan = _versus_removal(runner, plan, config.exclude, progress)
+        plan = _versus_removal(runner, plan, config.exclude, progress, check)
     seq = ids.shape[1]
     plan.meta.update(flops_saved=round(plan.flops_fraction(model.config, seq), 4), flops_seq_len=seq)
     logger.info("orthorank: calibrated %s", plan)
@@ -319,6 +340,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--shortlist", type=int, default=10)
     p.add_argument("--selection-only", action="store_true", help="the paper's search: no removed layers")
     p.add_argument("--no-versus-removal", action="store_true", help="skip the final comparison with SLEB")
+    p.add_argument("--check-windows", type=int, default=4, help="held-back windows that judge the comparison")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16")
     p.add_argument("--out", default="plan.json")
@@ -330,7 +352,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         model, tokenizer, wiki_texts("calib"), args.sparsity, keep_ratio=args.keep_ratio,
         window=args.window, n_windows=args.windows, shortlist=args.shortlist,
         levels=(1.0, args.keep_ratio) if args.selection_only else None, jumps=not args.selection_only,
-        versus_removal=not args.no_versus_removal,
+        versus_removal=not args.no_versus_removal, check_windows=args.check_windows,
     )
     plan.save(args.out)
     print(plan)

@@ -202,3 +202,20 @@ def test_search_resumed_from_a_prefix_reaches_the_target_and_keeps_its_rounds():
     assert resumed.meta["dense_loss"] == long.meta["dense_loss"]
     with pytest.raises(TypeError, match="start"):
         search_plan(runner, SearchConfig(0.25), progress=False, start=orthorank.Plan((1.0,) * 6))
+
+
+def test_final_comparison_is_judged_on_held_back_windows_of_the_texts():
+    model = tiny_model(layers=6, initializer_range=0.2)
+    tok = tiny_tokenizer()
+    g = torch.Generator().manual_seed(1)
+    texts = [" ".join(f"w{int(i)}" for i in torch.randint(3, 97, (60,), generator=g)) for _ in range(4)]
+    plan = calibrate(model, tok, texts, sparsity=1 / 3, window=16, n_windows=2, check_windows=3, progress=False)
+    versus = plan.meta["versus_removal"]
+    assert versus["judged_on"] == "3 held-back windows" and plan.meta["calib_windows"] == 2
+    held_back = LossRunner(model, orthorank.data.token_windows(tok, texts, 16, 5)[2:])
+    assert held_back.loss(plan) == pytest.approx(min(versus["searched_check_loss"], versus["removal_check_loss"]), rel=1e-6)
+    assert (versus["chosen"] == "removal") == (versus["removal_check_loss"] < versus["searched_check_loss"])
+    ids_plan = calibrate(model, None, orthorank.data.token_windows(tok, texts, 16, 2), sparsity=1 / 3, progress=False)
+    assert ids_plan.meta["versus_removal"]["judged_on"] == "search windows"
+    with pytest.raises(ValueError, match="check_windows"):
+        calibrate(model, tok, texts, sparsity=0.2, check_windows=-1, progress=False)
