@@ -147,10 +147,9 @@ def write_table(results: dict, path: Path, sparsities: list[float]) -> None:
 HELDOUT_ROWS = {
     # row: (label, plan file stem in examples/plans, or None for dense / "default" for the old data-free plan)
     "dense": ("dense", None),
-    "shipped": ("**new default** `patch(model, sparsity=s)` (shipped plan)", "shipped/shipped"),
-    "selfcalib": ("self-calibrated (no shipped plan: model-generated text, paper search)", "selfcalib"),
-    "orthorank": ("paper search (selection only) on wiki", "orthorank-heldout"),
-    "recommended": ("`calibrate` recommended (hybrid + SLEB check) on wiki", "recommended"),
+    "shipped": ("**new default** `patch(model, sparsity=s)`: shipped plans (paper search on wiki)", "shipped/shipped"),
+    "selfcalib": ("self-calibrated: a model no plan is shipped for (its own text, paper search)", "selfcalib"),
+    "recommended": ("`calibrate` default on wiki (hybrid search, then SLEB check)", "recommended"),
     "sleb": ("SLEB (greedy block removal) on wiki", "sleb"),
     "shortgpt": ("ShortGPT (Block Influence)", "shortgpt"),
     "olddefault": ("old data-free default (middle block; no longer used)", "default"),
