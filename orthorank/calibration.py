@@ -5,7 +5,9 @@ paper's ``levels=(1, 1/3)``: turning a dense layer into a selection layer), scor
 by the calibration loss with the real selective layers active, and keeps the candidate that costs
 the least loss per unit of sparsity gained. It stops when no step brings the plan's sparsity
 closer to the target. Hidden states before the changed layer are reused from one recorded pass of
-the round's parent plan (:class:`orthorank.runner.LossRunner`).
+the round's parent plan (:class:`orthorank.runner.LossRunner`). :func:`calibrate` then compares
+the result with SLEB's block removal at the same sparsity, judged on held-back windows, and
+returns the better plan (``versus_removal``).
 """
 
 from __future__ import annotations
