@@ -33,6 +33,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=None, help="Hub id or local folder (default: embedded SmolLM2-135M)")
     parser.add_argument("--sparsity", type=float, default=0.2)
+    parser.add_argument("--plan", default=None, help="a saved plan (Plan.save) to use instead of --sparsity")
     parser.add_argument("--context", type=int, default=1024, help="prompt length in tokens")
     parser.add_argument("--new-tokens", type=int, default=24)
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="bfloat16")
@@ -51,7 +52,10 @@ def main() -> None:
         return tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
 
     dense_text, dense_time = generate(), prefill_seconds(model, ids, args.repeats)
-    orthorank.patch(model, sparsity=args.sparsity)
+    if args.plan:
+        orthorank.patch(model, plan=orthorank.Plan.load(args.plan, model=model))
+    else:
+        orthorank.patch(model, sparsity=args.sparsity)
     print(orthorank.get_plan(model), "\n")
     patched_text, patched_time = generate(), prefill_seconds(model, ids, args.repeats)
     orthorank.unpatch(model)

@@ -22,7 +22,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from .calibration import SearchConfig, search_plan
+from .calibration import SearchConfig, removal_search
 from .config import check_fraction
 from .plan import Plan
 from .runner import LossRunner
@@ -61,8 +61,7 @@ def sleb_plan(
     eligible = SearchConfig(0.0, exclude=tuple(exclude)).eligible(runner.num_layers)
     if count > len(eligible):
         raise ValueError(f"cannot remove {count} blocks: only {len(eligible)} are eligible")
-    config = SearchConfig(sparsity=count / runner.num_layers, levels=(1.0, 0.0), exclude=tuple(exclude))
-    plan = search_plan(runner, config, method="sleb", progress=progress)
+    plan = removal_search(runner, count, exclude=exclude, method="sleb", progress=progress)
     return _with_flops(plan, model, calib_ids.shape[1])
 
 

@@ -5,7 +5,9 @@ paper's ``levels=(1, 1/3)``: turning a dense layer into a selection layer), scor
 by the calibration loss with the real selective layers active, and keeps the candidate that costs
 the least loss per unit of sparsity gained. It stops when no step brings the plan's sparsity
 closer to the target. Hidden states before the changed layer are reused from one recorded pass of
-the round's parent plan (:class:`orthorank.runner.LossRunner`).
+the round's parent plan (:class:`orthorank.runner.LossRunner`). :func:`calibrate` then compares
+the result with SLEB's block removal at the same sparsity, judged on held-back windows, and
+returns the better plan (``versus_removal``).
 """
 
 from __future__ import annotations
@@ -27,9 +29,13 @@ from .runner import LossRunner
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["SearchConfig", "calibrate", "calibration_ids", "perplexity", "plan_at_round", "search_plan"]
+__all__ = [
+    "SearchConfig", "calibrate", "calibration_ids", "perplexity", "plan_at_round", "removal_search", "search_plan",
+]
 
 _TOL = 1e-9
+#: a removal plan competes with a searched plan when their sparsities differ by at most this much
+SAME_SPARSITY = 0.005
 
 
 @dataclass(frozen=True)
@@ -85,9 +91,19 @@ def _steps(ratios: tuple[float, ...], layer: int, config: SearchConfig) -> list[
 
 
 def search_plan(
-    runner: LossRunner, config: SearchConfig, *, method: str = "calibrated", progress: bool = True
+    runner: LossRunner,
+    config: SearchConfig,
+    *,
+    method: str = "calibrated",
+    progress: bool = True,
+    start: Plan | None = None,
 ) -> Plan:
-    """Greedy search from the dense plan to ``config.sparsity`` (see the module docstring).
+    """Greedy search from the dense plan (or from ``start``) to ``config.sparsity`` (see the module docstring).
+
+    Args:
+        start: a plan made by an earlier search on the same windows (e.g. a prefix of a search
+            to a higher sparsity, :func:`plan_at_round`): its rounds are kept and the search goes
+            on from it. Its first round here re-scores every candidate (no shortlist yet).
 
     Returns a plan whose ``meta`` records the search: rounds (layer, new keep ratio, loss), dense
     and final loss, forward passes (full-forward equivalents over the calibration windows) and
@@ -97,10 +113,19 @@ def search_plan(
     n = runner.num_layers
     eligible = config.eligible(n)
     target = config.sparsity
-    current = Plan((1.0,) * n, selector=config.selector, model_type=runner.model_type, method=method)
-    parent = runner.record(current)
-    dense_loss = parent.loss
     history: list[dict[str, Any]] = []
+    dense_loss = None
+    if start is not None:
+        if not isinstance(start, Plan) or not isinstance(start.meta.get("rounds"), list):
+            raise TypeError("start must be a Plan made by a search (with meta['rounds'])")
+        start.check_model(n, runner.model_type)
+        history = [dict(r) for r in start.meta["rounds"]]
+        dense_loss = start.meta.get("dense_loss")
+    ratios0 = start.keep_ratios if start is not None else (1.0,) * n
+    current = Plan(ratios0, selector=config.selector, model_type=runner.model_type, method=method)
+    parent = runner.record(current)
+    if dense_loss is None:
+        dense_loss = parent.loss
     last_cost: dict[tuple[int, float], float] = {}
     bar = tqdm(desc=f"{method} search", unit="cand", disable=not progress)
     while True:
@@ -167,6 +192,54 @@ def plan_at_round(plan: Plan, rounds: int) -> Plan:
     return Plan(tuple(ratios), plan.selector, plan.model_type, plan.method, meta)
 
 
+def removal_search(
+    runner: LossRunner, blocks: int, *, exclude: Sequence[int] = (0, -1), method: str = "sleb", progress: bool = True
+) -> Plan:
+    """SLEB's greedy block removal: ``blocks`` rounds, each removing the block that raises the loss least.
+
+    Every eligible block is re-scored every round (no shortlist), as in SLEB.
+    """
+    eligible = SearchConfig(0.0, exclude=tuple(exclude)).eligible(runner.num_layers)
+    if isinstance(blocks, bool) or not isinstance(blocks, int) or not 0 <= blocks <= len(eligible):
+        raise ValueError(f"blocks must be an int in [0, {len(eligible)}] (the eligible blocks), got {blocks!r}")
+    config = SearchConfig(sparsity=blocks / runner.num_layers, levels=(1.0, 0.0), exclude=tuple(exclude))
+    return search_plan(runner, config, method=method, progress=progress)
+
+
+def _versus_removal(
+    runner: LossRunner, plan: Plan, exclude: Sequence[int], progress: bool, check: LossRunner | None = None
+) -> Plan:
+    """``plan``, or the SLEB plan of the same sparsity (within :data:`SAME_SPARSITY`) when its loss
+    is lower: on ``check`` (held-back windows neither search saw) if given, else on the search
+    windows. The comparison is recorded in ``meta["versus_removal"]``."""
+    blocks = round(plan.sparsity * runner.num_layers)
+    eligible = len(SearchConfig(0.0, exclude=tuple(exclude)).eligible(runner.num_layers))
+    if plan.is_dense or abs(blocks / runner.num_layers - plan.sparsity) > SAME_SPARSITY or not 1 <= blocks <= eligible:
+        plan.meta["versus_removal"] = None
+        return plan
+    removal = removal_search(runner, blocks, exclude=exclude, method=plan.method, progress=progress)
+    searched_loss, removal_loss = plan.meta["final_loss"], removal.meta["final_loss"]
+    comparison: dict[str, Any] = {"searched_loss": searched_loss, "removal_loss": removal_loss, "removal_blocks": blocks,
+                                  "judged_on": "search windows"}
+    if check is not None:
+        searched_loss, removal_loss = check.loss(plan), check.loss(removal)
+        comparison.update(judged_on=f"{check.ids.shape[0]} held-back windows", searched_check_loss=round(searched_loss, 6),
+                          removal_check_loss=round(removal_loss, 6))
+    chosen = removal if removal_loss < searched_loss else plan
+    comparison.update(chosen="removal" if chosen is removal else "searched",
+                      removal_forward_passes=removal.meta["forward_passes"])
+    if chosen is removal:
+        comparison["searched_rounds"] = plan.meta["rounds"]
+        for key in ("levels", "jumps", "shortlist"):
+            removal.meta[key] = plan.meta[key]
+    chosen.meta["versus_removal"] = comparison
+    chosen.meta["forward_passes"] = round(runner.cost.forward_passes, 2)
+    chosen.meta["seconds"] = round(plan.meta["seconds"] + removal.meta["seconds"], 1)
+    logger.info("orthorank: searched plan loss %.4f, removal (SLEB) plan loss %.4f at sparsity %.3f (%s): %s wins",
+                searched_loss, removal_loss, plan.sparsity, comparison["judged_on"], comparison["chosen"])
+    return chosen
+
+
 def calibration_ids(
     tokenizer: Any, texts_or_ids: Sequence[str] | torch.Tensor, *, window: int, n_windows: int | None
 ) -> torch.Tensor:
@@ -195,6 +268,8 @@ def calibrate(
     window: int = 512,
     n_windows: int | None = 2,
     batch_size: int = 1,
+    versus_removal: bool = True,
+    check_windows: int = 4,
     progress: bool = True,
 ) -> Plan:
     """Search the plan of ``model`` at ``sparsity`` on calibration text (see the module docstring).
@@ -211,12 +286,21 @@ def calibrate(
             with ``jumps=False`` is the paper's search (selection layers only).
         levels, exclude, selector, jumps: see :class:`SearchConfig`.
         batch_size: windows per forward pass.
+        versus_removal: also run SLEB's block removal to the same sparsity (when whole blocks reach
+            it within :data:`SAME_SPARSITY`) on the same windows and return whichever plan has the
+            lower loss (it costs one more search). ``meta["versus_removal"]`` records both.
+        check_windows: with texts, the two plans are compared on this many further windows cut
+            after the search windows (text neither search saw: on the search windows the
+            search's own plan is favoured by overfitting); with token ids, or when the texts
+            run out, on the search windows.
         progress: show a progress bar.
 
     Returns:
         A :class:`orthorank.Plan` with ``method="calibrated"`` and the search cost in ``meta``.
     """
     keep_ratio = check_fraction("keep_ratio", keep_ratio, low_open=False, high_open=True)
+    if isinstance(check_windows, bool) or not isinstance(check_windows, int) or check_windows < 0:
+        raise ValueError(f"check_windows must be an int >= 0, got {check_windows!r}")
     config = SearchConfig(
         sparsity=sparsity,
         levels=tuple(levels) if levels is not None else (1.0, keep_ratio, 0.0),
@@ -226,8 +310,17 @@ def calibrate(
         shortlist=shortlist,
     )
     ids = calibration_ids(tokenizer, texts_or_ids, window=window, n_windows=n_windows)
+    check = None
+    if versus_removal and check_windows and not isinstance(texts_or_ids, torch.Tensor) and n_windows is not None:
+        try:
+            more = calibration_ids(tokenizer, texts_or_ids, window=window, n_windows=n_windows + check_windows)
+            check = LossRunner(model, more[n_windows:], batch_size=batch_size)
+        except ValueError:
+            logger.info("orthorank: not enough text for %d held-back windows; comparing on the search windows", check_windows)
     runner = LossRunner(model, ids, batch_size=batch_size)
     plan = search_plan(runner, config, progress=progress)
+    if versus_removal:
+        plan = _versus_removal(runner, plan, config.exclude, progress, check)
     seq = ids.shape[1]
     plan.meta.update(flops_saved=round(plan.flops_fraction(model.config, seq), 4), flops_seq_len=seq)
     logger.info("orthorank: calibrated %s", plan)
@@ -248,6 +341,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--window", type=int, default=512, help="tokens per calibration window")
     p.add_argument("--shortlist", type=int, default=10)
     p.add_argument("--selection-only", action="store_true", help="the paper's search: no removed layers")
+    p.add_argument("--no-versus-removal", action="store_true", help="skip the final comparison with SLEB")
+    p.add_argument("--check-windows", type=int, default=4, help="held-back windows that judge the comparison")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16")
     p.add_argument("--out", default="plan.json")
@@ -259,6 +354,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         model, tokenizer, wiki_texts("calib"), args.sparsity, keep_ratio=args.keep_ratio,
         window=args.window, n_windows=args.windows, shortlist=args.shortlist,
         levels=(1.0, args.keep_ratio) if args.selection_only else None, jumps=not args.selection_only,
+        versus_removal=not args.no_versus_removal, check_windows=args.check_windows,
     )
     plan.save(args.out)
     print(plan)

@@ -394,3 +394,96 @@ def test_layer_profile_covers_every_layer_and_part():
     assert all(set(p.parts_ms) == set(PARTS) and p.total_ms > 0 for p in profiles)
     assert profiles[1].parts_ms["k_proj"] > 0 and not orthorank.is_patched(model)
     assert profile_table(profiles).count("\n") == 4
+
+
+# --- faithful metrics: next token after a prefill, chat agreement -------------------------------
+
+CHAT_TEMPLATE = ("{% for m in messages %}<s> {{ m['content'] }} </s> {% endfor %}"
+                 "{% if add_generation_prompt %}<s> {% endif %}")
+
+
+def test_prefill_next_token_nll_of_known_logits():
+    ids = torch.randint(0, 11, (3, 9))
+    assert quality.prefill_next_token_nll(FixedLogits(11), ids, 4, batch_size=2) == pytest.approx(math.log(11), rel=1e-5)
+    with pytest.raises(ValueError, match="prefixes"):
+        quality.prefill_next_token_nll(FixedLogits(11), ids, 0)
+    with pytest.raises(ValueError, match="min_prefix"):
+        quality.prefill_next_token_nll(FixedLogits(11), ids, 2, min_prefix=9)
+
+
+def test_prefill_next_token_nll_dense_equals_full_forward_and_never_sees_the_future():
+    model = tiny_model(layers=4)
+    ids = torch.randint(3, VOCAB, (2, 24), generator=torch.Generator().manual_seed(3))
+    lengths = quality.prefix_lengths(24, 3, min_prefix=4, seed=5)
+    with torch.inference_mode():
+        logp = torch.log_softmax(model(input_ids=ids).logits.float(), dim=-1)
+    expected = -torch.stack([logp[:, n - 1].gather(1, ids[:, n : n + 1]) for n in lengths]).mean()
+    got = quality.prefill_next_token_nll(model, ids, 3, min_prefix=4, seed=5)
+    assert got == pytest.approx(float(expected), rel=1e-4)
+    # patched: token selection runs on the prefix only, so tokens after the predicted one change nothing
+    n = quality.prefix_lengths(24, 1, min_prefix=4, seed=0)[0]
+    later = ids.clone()
+    later[:, n + 1 :] = torch.randint(3, VOCAB, later[:, n + 1 :].shape)
+    with orthorank.patched(model, plan=layers_plan(4, [1, 2], keep_ratio=0.5, model_type="llama")):
+        patched = quality.prefill_next_token_nll(model, ids, 1, min_prefix=4)
+        assert quality.prefill_next_token_nll(model, later, 1, min_prefix=4) == patched
+    assert patched != pytest.approx(quality.prefill_next_token_nll(model, ids, 1, min_prefix=4))
+
+
+def test_chat_items_check_whole_words_case_insensitively():
+    item = tasks.ChatItem("q", ("Paris", "5"))
+    assert item.correct("The capital of France is paris.") and item.correct("2 + 3 = 5")
+    assert not item.correct("Parisian food") and not item.correct("15 apples")
+    assert len(tasks.CHAT_ITEMS) == 16 and all(c.answers for c in tasks.CHAT_ITEMS)
+
+
+def test_chat_agreement_prefix_share_and_exact_answers():
+    ref = [[5, 6, 7, 2], [8, 9]]
+    assert tasks.chat_agreement(ref, ref) == (1.0, 1.0)
+    assert tasks.chat_agreement(ref, [[5, 6, 0, 2], [8, 9, 4]]) == (pytest.approx((2 / 4 + 1) / 2), 0.0)
+    assert tasks.chat_agreement(ref, [[5, 6, 7, 2], [3]]) == (pytest.approx(0.5), 0.5)
+    with pytest.raises(ValueError):
+        tasks.chat_agreement(ref, ref[:1])
+
+
+def test_chat_prompt_uses_the_template_and_needs_one():
+    tok = tiny_tokenizer()
+    with pytest.raises(ValueError, match="chat template"):
+        tasks.chat_prompt_ids(tok, "w5 w6")
+    tok.chat_template = CHAT_TEMPLATE
+    assert tasks.chat_prompt_ids(tok, "w5 w6") == [1, 5, 6, 2, 1]
+
+
+def test_chat_answers_are_greedy_and_agree_with_themselves():
+    model = tiny_model(layers=4)
+    tok = tiny_tokenizer()
+    tok.chat_template = CHAT_TEMPLATE
+    questions = ["w5 w6 w7", "w10 w11"]
+    a = quality.chat_answers(model, tok, questions, new_tokens=6)
+    assert [len(x) <= 6 for x in a] == [True, True]
+    one_by_one = quality.chat_answers(model, tok, questions, new_tokens=6, batch_size=1)  # no padding
+    assert tasks.chat_agreement(one_by_one, a) == (1.0, 1.0)
+    with torch.inference_mode():
+        first = model(input_ids=torch.tensor([tasks.chat_prompt_ids(tok, questions[0])])).logits[0, -1].argmax()
+    assert a[0][0] == int(first)
+
+
+def test_measure_quality_reports_the_faithful_metrics_beside_perplexity(tmp_path):
+    from orthorank.bench.runner import measure_quality
+
+    model = tiny_model(layers=6)
+    tok = tiny_tokenizer()
+    tok.chat_template = CHAT_TEMPLATE
+    g = torch.Generator().manual_seed(0)
+    texts = [" ".join(f"w{int(i)}" for i in torch.randint(3, VOCAB, (60,), generator=g)) + " end." for _ in range(12)]
+    calib = torch.randint(3, VOCAB, (2, 32), generator=g)
+    settings = BenchSettings(methods=("dense", "sleb"), sparsities=(0.2,), ppl_windows=2, ppl_window=32, cloze_items=2,
+                             cloze_context=16, gen_prompts=2, gen_prompt_len=8, gen_tokens=4, passkey_lengths=(64,),
+                             passkey_trials=1, next_token_prefixes=3, chat_questions=3, chat_tokens=5, speed=None)
+    rows = measure_quality(model, tok, settings, PlanCache(tmp_path, "tiny", calib), texts)
+    dense, sleb = rows
+    assert (dense.chat_prefix, dense.chat_exact) == (1.0, 1.0)
+    assert dense.next_token_ppl == pytest.approx(math.exp(dense.next_token_nll))
+    assert sleb.next_token_nll != dense.next_token_nll and 0.0 <= sleb.chat_prefix <= 1.0
+    assert sleb.chat_correct is not None
+    assert "next-token ppl" in summary_table(BenchResults(meta={}, quality=rows))

@@ -142,3 +142,80 @@ def test_shortlist_limits_later_rounds():
     assert short.meta["forward_passes"] < full.meta["forward_passes"]
     with pytest.raises(ValueError, match="shortlist"):
         SearchConfig(0.1, shortlist=0)
+
+
+def two_cheap_layers_model() -> torch.nn.Module:
+    """Like :func:`cheap_layer_model` with layers 2 and 3 both near-identity."""
+    model = cheap_layer_model()
+    with torch.no_grad():
+        model.model.layers[2].self_attn.o_proj.weight.zero_()
+        model.model.layers[2].mlp.down_proj.weight.zero_()
+    return model
+
+
+def test_final_comparison_returns_the_removal_plan_when_its_loss_is_lower():
+    from orthorank.baselines import sleb_plan
+
+    model = two_cheap_layers_model()
+    ids = sampled_ids(model, rows=2, seq=16)
+    # sparsity 1/3: three selection layers (one of them costly) or two removed blocks (both free)
+    searched = calibrate(model, None, ids, sparsity=1 / 3, levels=(1.0, 1 / 3), jumps=False,
+                         versus_removal=False, progress=False)
+    assert len(searched.selection_layers) == 3 and "versus_removal" not in searched.meta
+    plan = calibrate(model, None, ids, sparsity=1 / 3, levels=(1.0, 1 / 3), jumps=False, progress=False)
+    assert plan.removed_layers == [2, 3] and plan.selection_layers == []
+    assert plan.keep_ratios == sleb_plan(model, ids, 1 / 3, progress=False).keep_ratios
+    versus = plan.meta["versus_removal"]
+    assert versus["chosen"] == "removal" and versus["removal_blocks"] == 2
+    assert versus["searched_loss"] == pytest.approx(searched.meta["final_loss"])
+    assert versus["removal_loss"] < versus["searched_loss"] and plan.meta["final_loss"] == versus["removal_loss"]
+    assert versus["searched_rounds"] == searched.meta["rounds"]
+    assert plan.meta["forward_passes"] > searched.meta["forward_passes"]
+
+
+def test_final_comparison_keeps_the_searched_plan_when_it_is_no_worse():
+    model = tiny_model(layers=6, initializer_range=0.2)
+    ids = sampled_ids(model, rows=2, seq=16)
+    plan = calibrate(model, None, ids, sparsity=1 / 3, progress=False)  # hybrid: removal is among its moves
+    versus = plan.meta["versus_removal"]
+    assert plan.sparsity == pytest.approx(1 / 3)
+    assert plan.meta["final_loss"] == min(versus["searched_loss"], versus["removal_loss"])
+    chosen_is_removal = versus["chosen"] == "removal"
+    assert chosen_is_removal == (versus["removal_loss"] < versus["searched_loss"])
+    # no whole number of blocks is within 0.005 of 2/3 / 6: nothing to compare
+    odd = calibrate(model, None, ids, sparsity=(2 / 3) / 6, levels=(1.0, 1 / 3), progress=False)
+    assert odd.meta["versus_removal"] is None and len(odd.selection_layers) == 1
+
+
+def test_search_resumed_from_a_prefix_reaches_the_target_and_keeps_its_rounds():
+    from orthorank.calibration import search_plan
+
+    model = cheap_layer_model()
+    ids = sampled_ids(model, rows=2, seq=16)
+    runner = LossRunner(model, ids)
+    long = search_plan(runner, SearchConfig(0.5, levels=(1.0, 1 / 3, 0.0), jumps=True), progress=False)
+    first = plan_at_round(long, 1)
+    resumed = search_plan(runner, SearchConfig(1 / 3, levels=(1.0, 1 / 3, 0.0), jumps=True), progress=False, start=first)
+    fresh = search_plan(runner, SearchConfig(1 / 3, levels=(1.0, 1 / 3, 0.0), jumps=True), progress=False)
+    assert resumed.meta["rounds"][0] == long.meta["rounds"][0]
+    assert resumed.keep_ratios == fresh.keep_ratios and resumed.sparsity == pytest.approx(1 / 3)
+    assert resumed.meta["dense_loss"] == long.meta["dense_loss"]
+    with pytest.raises(TypeError, match="start"):
+        search_plan(runner, SearchConfig(0.25), progress=False, start=orthorank.Plan((1.0,) * 6))
+
+
+def test_final_comparison_is_judged_on_held_back_windows_of_the_texts():
+    model = tiny_model(layers=6, initializer_range=0.2)
+    tok = tiny_tokenizer()
+    g = torch.Generator().manual_seed(1)
+    texts = [" ".join(f"w{int(i)}" for i in torch.randint(3, 97, (60,), generator=g)) for _ in range(4)]
+    plan = calibrate(model, tok, texts, sparsity=1 / 3, window=16, n_windows=2, check_windows=3, progress=False)
+    versus = plan.meta["versus_removal"]
+    assert versus["judged_on"] == "3 held-back windows" and plan.meta["calib_windows"] == 2
+    held_back = LossRunner(model, orthorank.data.token_windows(tok, texts, 16, 5)[2:])
+    assert held_back.loss(plan) == pytest.approx(min(versus["searched_check_loss"], versus["removal_check_loss"]), rel=1e-6)
+    assert (versus["chosen"] == "removal") == (versus["removal_check_loss"] < versus["searched_check_loss"])
+    ids_plan = calibrate(model, None, orthorank.data.token_windows(tok, texts, 16, 2), sparsity=1 / 3, progress=False)
+    assert ids_plan.meta["versus_removal"]["judged_on"] == "search windows"
+    with pytest.raises(ValueError, match="check_windows"):
+        calibrate(model, tok, texts, sparsity=0.2, check_windows=-1, progress=False)

@@ -63,6 +63,8 @@ def parser() -> argparse.ArgumentParser:
     q.add_argument("--ppl", type=_shape, help="perplexity windows NxLENGTH (eval split), e.g. 8x512")
     q.add_argument("--cloze", type=int, help="number of last-word cloze items")
     q.add_argument("--gen", type=_shape, help="greedy generations PROMPTSxNEW_TOKENS, e.g. 8x64")
+    q.add_argument("--next-token", type=int, help="prefix lengths sampled for the next-token-after-prefill NLL (0 skips)")
+    q.add_argument("--chat", type=_shape, help="chat questions QUESTIONSxNEW_TOKENS, e.g. 16x24 (0x24 skips)")
     q.add_argument("--passkey", type=_ints, help="passkey context lengths, e.g. 1024,4096,8192")
     q.add_argument("--passkey-trials", type=int, help="passkey prompts per length")
     part = p.add_mutually_exclusive_group()
@@ -95,11 +97,11 @@ def settings_from_args(args: argparse.Namespace) -> BenchSettings:
         "sparsities": args.sparsity, "threads": args.threads, "quality_dtype": args.quality_dtype,
     }.items() if v is not None}
     for flag, (count, length) in (("calib", ("calib_windows", "calib_window")), ("ppl", ("ppl_windows", "ppl_window")),
-                                  ("gen", ("gen_prompts", "gen_tokens"))):
+                                  ("gen", ("gen_prompts", "gen_tokens")), ("chat", ("chat_questions", "chat_tokens"))):
         value = getattr(args, flag)
         if value is not None:
             top[count], top[length] = value
-    for flag, name in (("cloze", "cloze_items"), ("passkey", "passkey_lengths"), ("passkey_trials", "passkey_trials")):
+    for flag, name in (("next_token", "next_token_prefixes"), ("cloze", "cloze_items"), ("passkey", "passkey_lengths"), ("passkey_trials", "passkey_trials")):
         if getattr(args, flag) is not None:
             top[name] = getattr(args, flag)
     if args.default_plan:

@@ -129,3 +129,83 @@ def passkey_results(model: nn.Module, tokenizer: Any, items: Sequence[PasskeyIte
         text = tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
         results.append(passkey_correct(text, item.key))
     return results
+
+
+def prefix_lengths(seq: int, prefixes: int, *, min_prefix: int = 16, seed: int = 0) -> list[int]:
+    """``prefixes`` prefix lengths drawn uniformly from ``[min_prefix, seq - 1]`` by a generator seeded with ``seed``."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(min_prefix, seq, (prefixes,), generator=g).tolist()
+
+
+@torch.inference_mode()
+def prefill_next_token_nll(
+    model: nn.Module, ids: torch.Tensor, prefixes: int, *, min_prefix: int | None = None, seed: int = 0,
+    batch_size: int = 8,
+) -> float:
+    """Mean NLL of the token right after a prefill, as generation sees it.
+
+    ``prefixes`` lengths ``n`` are drawn uniformly from ``[min_prefix, seq - 1]`` (seeded;
+    ``min_prefix`` defaults to ``min(16, seq // 2)``); for
+    each, every window's first ``n`` tokens go through the model alone (a prefill: nothing after
+    the prefix exists, so token selection cannot look ahead) and the NLL of token ``n`` is read
+    from the last position's logits.
+
+    Args:
+        ids: LongTensor ``[n_windows, seq]``.
+
+    Returns:
+        The mean NLL over ``prefixes * n_windows`` predictions (``exp`` of it is a perplexity).
+    """
+    ids = check_ids(ids)
+    batch_size = check_batch_size(batch_size)
+    if min_prefix is None:
+        min_prefix = max(1, min(16, ids.shape[1] // 2))
+    if isinstance(prefixes, bool) or not isinstance(prefixes, int) or prefixes < 1:
+        raise ValueError(f"prefixes must be a positive int, got {prefixes!r}")
+    if isinstance(min_prefix, bool) or not isinstance(min_prefix, int) or not 1 <= min_prefix < ids.shape[1]:
+        raise ValueError(f"min_prefix must be an int in [1, {ids.shape[1] - 1}], got {min_prefix!r}")
+    lengths = prefix_lengths(ids.shape[1], prefixes, min_prefix=min_prefix, seed=seed)
+    device = _device(model)
+    total, count = 0.0, 0
+    for n in lengths:
+        for start in range(0, ids.shape[0], batch_size):
+            rows = ids[start : start + batch_size]
+            prefix = rows[:, :n].to(device)
+            logits = model(input_ids=prefix, attention_mask=torch.ones_like(prefix), use_cache=True).logits[:, -1]
+            nll = nn.functional.cross_entropy(logits.float(), rows[:, n].to(device), reduction="sum")
+            total += float(nll)
+            count += rows.shape[0]
+    return total / count
+
+
+@torch.inference_mode()
+def chat_answers(
+    model: nn.Module, tokenizer: Any, questions: Sequence[str], *, new_tokens: int = 24, batch_size: int = 16
+) -> list[list[int]]:
+    """Greedy answers (at most ``new_tokens`` tokens, up to end-of-text) to each question as a chat turn.
+
+    Prompts of a batch are left-padded with an attention mask. Returns the answer token ids, each
+    cut after its first end-of-text token.
+    """
+    from .tasks import chat_prompt_ids
+
+    if isinstance(new_tokens, bool) or not isinstance(new_tokens, int) or new_tokens < 1:
+        raise ValueError(f"new_tokens must be a positive int, got {new_tokens!r}")
+    batch_size = check_batch_size(batch_size)
+    device = _device(model)
+    pad = _pad_id(model, tokenizer)
+    eos = getattr(tokenizer, "eos_token_id", None)
+    answers = []
+    for start in range(0, len(questions), batch_size):
+        prompts = [chat_prompt_ids(tokenizer, q) for q in questions[start : start + batch_size]]
+        width = max(len(p) for p in prompts)
+        ids = torch.full((len(prompts), width), pad, dtype=torch.long)
+        mask = torch.zeros(len(prompts), width, dtype=torch.long)
+        for row, prompt in enumerate(prompts):
+            ids[row, width - len(prompt) :] = torch.tensor(prompt)
+            mask[row, width - len(prompt) :] = 1
+        out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), do_sample=False,
+                             max_new_tokens=new_tokens, pad_token_id=pad)
+        for answer in out[:, width:].tolist():
+            answers.append(answer[: answer.index(eos) + 1] if eos in answer else answer)
+    return answers

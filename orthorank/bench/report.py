@@ -30,6 +30,11 @@ class QualityRow:
         gen_prefix: mean share of continuation tokens before the first difference from dense.
         passkey: retrieval accuracy per context length (str keys for JSON).
         passkey_mean: over all lengths.
+        next_token_nll: mean NLL of the token right after a prefill of a sampled prefix (the model
+            sees only the prefix, as in generation); ``next_token_ppl`` is its ``exp``.
+        chat_prefix: mean share of the dense chat answer's tokens before the first difference.
+        chat_exact: share of chat answers identical to dense.
+        chat_correct: share of chat answers that contain the expected answer.
     """
 
     method: str
@@ -43,6 +48,11 @@ class QualityRow:
     passkey_mean: float
     seconds: float
     layers: str | None = None
+    next_token_nll: float | None = None
+    next_token_ppl: float | None = None
+    chat_prefix: float | None = None
+    chat_exact: float | None = None
+    chat_correct: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -153,11 +163,13 @@ def _fmt(value: float | None, spec: str) -> str:
 def quality_table(rows: list[QualityRow]) -> str:
     """Markdown table: one line per method and sparsity."""
     lengths = list(rows[0].passkey) if rows else []
-    head = ["method", "sparsity", "ppl ↓", "cloze ↑", "gen agree ↑", "gen prefix ↑"] + [f"passkey {n} ↑" for n in lengths]
+    head = ["method", "sparsity", "ppl ↓", "next-token ppl ↓", "cloze ↑", "gen agree ↑", "gen prefix ↑",
+            "chat prefix ↑", "chat exact ↑", "chat correct ↑"] + [f"passkey {n} ↑" for n in lengths]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
-        cells = [r.method, f"{r.sparsity:g} ({r.plan_sparsity:.3f})", f"{r.perplexity:.2f}", f"{r.cloze_accuracy:.3f}",
-                 f"{r.gen_agreement:.3f}", f"{r.gen_prefix:.3f}"] + [f"{r.passkey[n]:.2f}" for n in lengths]
+        cells = [r.method, f"{r.sparsity:g} ({r.plan_sparsity:.3f})", f"{r.perplexity:.2f}", _fmt(r.next_token_ppl, ".2f"),
+                 f"{r.cloze_accuracy:.3f}", f"{r.gen_agreement:.3f}", f"{r.gen_prefix:.3f}", _fmt(r.chat_prefix, ".3f"),
+                 _fmt(r.chat_exact, ".3f"), _fmt(r.chat_correct, ".3f")] + [f"{r.passkey[n]:.2f}" for n in lengths]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -58,9 +59,13 @@ def measure_quality(model: nn.Module, tokenizer: Any, settings: BenchSettings, c
     items = tasks.cloze_items(eval_texts, s.cloze_items)
     prompts = gen_prompts(tokenizer, eval_texts, s.gen_prompts, s.gen_prompt_len)
     keys = tasks.passkey_items(tokenizer, s.passkey_lengths, s.passkey_trials, seed=s.seed)
+    chat = list(tasks.CHAT_ITEMS[: s.chat_questions]) if getattr(tokenizer, "chat_template", None) else []
+    if s.chat_questions and not chat:
+        logger.warning("the tokenizer has no chat template: chat agreement is skipped")
     configs = [("dense", 0.0)] + [(m, sp) for sp in s.sparsities for m in s.methods if m != "dense"]
     rows: list[QualityRow] = []
     reference: torch.Tensor | None = None
+    chat_reference: list[list[int]] | None = None
     bar = tqdm(configs, desc="quality", unit="config")
     for method, sparsity in bar:
         bar.set_postfix_str(_label(method, sparsity))
@@ -72,11 +77,18 @@ def measure_quality(model: nn.Module, tokenizer: Any, settings: BenchSettings, c
             cloze = quality.cloze_accuracy(model, tokenizer, items, batch_size=s.batch_size, max_context_tokens=s.cloze_context)
             generated = quality.greedy_continuations(model, prompts, s.gen_tokens, batch_size=s.batch_size, tokenizer=tokenizer)
             found = quality.passkey_results(model, tokenizer, keys)
+            next_nll = (quality.prefill_next_token_nll(model, windows, s.next_token_prefixes, seed=s.seed,
+                                                       batch_size=s.batch_size) if s.next_token_prefixes else None)
+            answers = quality.chat_answers(model, tokenizer, [c.question for c in chat], new_tokens=s.chat_tokens)
         finally:
             unpatch(model)
         if reference is None:
             reference = generated
         agree, prefix = tasks.token_agreement(reference, generated)
+        if chat_reference is None:
+            chat_reference = answers
+        chat_prefix, chat_exact = tasks.chat_agreement(chat_reference, answers) if chat else (None, None)
+        correct = [c.correct(tokenizer.decode(a, skip_special_tokens=True)) for c, a in zip(chat, answers)]
         by_length = {
             length: sum(ok for ok, item in zip(found, keys) if item.length == length) / s.passkey_trials
             for length in s.passkey_lengths
@@ -93,6 +105,11 @@ def measure_quality(model: nn.Module, tokenizer: Any, settings: BenchSettings, c
             passkey_mean=sum(found) / len(found),
             seconds=time.perf_counter() - start,
             layers=None if plan is None else _plan_summary(plan),
+            next_token_nll=next_nll,
+            next_token_ppl=None if next_nll is None else math.exp(next_nll),
+            chat_prefix=chat_prefix,
+            chat_exact=chat_exact,
+            chat_correct=sum(correct) / len(correct) if chat else None,
         ))
         logger.info("%s", rows[-1])
     return rows

@@ -10,6 +10,7 @@ import torch
 
 from ..config import check_choice
 from .methods import METHODS, check_methods, check_sparsity
+from .tasks import CHAT_ITEMS
 
 DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 PRESETS: tuple[str, ...] = ("quick", "full")
@@ -104,6 +105,11 @@ class BenchSettings:
     gen_prompts: int = 8
     gen_prompt_len: int = 64
     gen_tokens: int = 32
+    #: prefix lengths sampled for the next-token-after-prefill NLL (on the perplexity windows); 0 skips it
+    next_token_prefixes: int = 8
+    #: chat questions (of :data:`orthorank.bench.tasks.CHAT_ITEMS`) answered greedily; 0 skips them
+    chat_questions: int = 16
+    chat_tokens: int = 24
     passkey_lengths: tuple[int, ...] = (256, 1024)
     passkey_trials: int = 2
     batch_size: int = 8
@@ -120,6 +126,11 @@ class BenchSettings:
         for name in ("calib_windows", "calib_window", "ppl_windows", "ppl_window", "cloze_items", "cloze_context",
                      "gen_prompts", "gen_prompt_len", "gen_tokens", "passkey_trials", "batch_size"):
             _positive_ints(name, (getattr(self, name),))
+        _positive_ints("chat_tokens", (self.chat_tokens,))
+        for name, high in (("next_token_prefixes", None), ("chat_questions", len(CHAT_ITEMS))):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0 or (high is not None and value > high):
+                raise ValueError(f"{name} must be an int in [0, {high if high is not None else 'inf'}), got {value!r}")
         if self.threads is not None:
             _positive_ints("threads", (self.threads,))
 
@@ -141,6 +152,7 @@ class BenchSettings:
                 cloze_context=256,
                 gen_prompts=16,
                 gen_tokens=64,
+                next_token_prefixes=32,
                 passkey_lengths=(1024, 2048, 4096, 8192),
                 passkey_trials=3,
                 speed=SpeedSettings(

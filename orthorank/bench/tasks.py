@@ -180,3 +180,64 @@ def token_agreement(reference: torch.Tensor, other: torch.Tensor) -> tuple[float
     same = reference == other
     prefix = same.long().cumprod(dim=1).sum(dim=1).float() / same.shape[1]
     return float(same.float().mean()), float(prefix.mean())
+
+
+@dataclass(frozen=True)
+class ChatItem:
+    """A short chat question and the answers that count as correct (case-insensitive whole words)."""
+
+    question: str
+    answers: tuple[str, ...]
+
+    def correct(self, text: str) -> bool:
+        """Whether ``text`` contains one of :attr:`answers` as a whole word."""
+        return any(re.search(rf"(?<!\w){re.escape(a)}(?!\w)", text, re.I) for a in self.answers)
+
+
+CHAT_ITEMS: tuple[ChatItem, ...] = (
+    ChatItem("What is the capital of France?", ("Paris",)),
+    ChatItem("What is 2 + 3?", ("5", "five")),
+    ChatItem("What color is the sky on a clear day?", ("blue",)),
+    ChatItem("How many days are in a week?", ("7", "seven")),
+    ChatItem("What is the largest planet in our solar system?", ("Jupiter",)),
+    ChatItem("Who wrote Romeo and Juliet?", ("Shakespeare",)),
+    ChatItem("At what temperature in Celsius does water freeze?", ("0", "zero")),
+    ChatItem("What is the opposite of hot?", ("cold",)),
+    ChatItem("How many legs does a spider have?", ("8", "eight")),
+    ChatItem("What is the chemical symbol for gold?", ("Au",)),
+    ChatItem("What is the capital of Japan?", ("Tokyo",)),
+    ChatItem("What language is spoken in Brazil?", ("Portuguese",)),
+    ChatItem("What is 10 times 10?", ("100", "one hundred")),
+    ChatItem("Which animal is known as the king of the jungle?", ("lion",)),
+    ChatItem("What gas do plants absorb from the air?", ("carbon dioxide", "CO2")),
+    ChatItem("How many continents are there?", ("7", "seven")),
+)
+
+
+def chat_prompt_ids(tokenizer: Any, question: str) -> list[int]:
+    """Token ids of ``question`` as one user turn through the tokenizer's chat template, ready for the answer."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise ValueError("the tokenizer has no chat template; chat agreement needs an instruction-tuned model")
+    out = tokenizer.apply_chat_template([{"role": "user", "content": question}], add_generation_prompt=True)
+    ids = out["input_ids"] if hasattr(out, "keys") else out
+    return [int(i) for i in ids]
+
+
+def chat_agreement(reference: Sequence[Sequence[int]], other: Sequence[Sequence[int]]) -> tuple[float, float]:
+    """How far chat answers (token lists of any length, ending at end-of-text) agree with the reference.
+
+    Returns:
+        ``(mean share of the reference answer's tokens before the first difference, share of
+        answers identical to the reference)``, both in [0, 1].
+    """
+    if len(reference) != len(other) or not reference:
+        raise ValueError(f"expected two equally long, non-empty lists of answers, got {len(reference)} and {len(other)}")
+    prefix, exact = 0.0, 0
+    for ref, out in zip(reference, other):
+        ref, out = list(ref), list(out)
+        same = 0
+        while same < min(len(ref), len(out)) and ref[same] == out[same]:
+            same += 1
+        prefix += same / max(len(ref), 1)
+        exact += ref == out
+    return prefix / len(reference), exact / len(reference)

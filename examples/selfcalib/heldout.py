@@ -1,0 +1,46 @@
+"""Held-out evaluation text for the quality experiments: wiki ``eval`` windows and outside prose.
+
+The outside set is real English prose installed on the machine, not Wikipedia and never used for
+calibration: four documents, one 1024-token window each (from the start of the document, white
+space collapsed, terminal escapes and overstrikes removed):
+
+* ``/usr/share/common-licenses/GPL-3`` (the GNU GPL v3, legal prose),
+* ``/usr/share/common-licenses/GFDL-1.3`` (the GNU Free Documentation License, legal prose),
+* ``/usr/share/doc/libjpeg-dev/structure.txt.gz`` (libjpeg's system architecture, technical prose),
+* ``/usr/share/doc/man-db/man-db-manual.txt.gz`` (the man-db manual, technical prose).
+"""
+
+from __future__ import annotations
+
+import gzip
+import re
+from pathlib import Path
+
+import torch
+
+from orthorank.data import token_windows, wiki_texts
+
+OUTSIDE_FILES = (
+    "/usr/share/common-licenses/GPL-3",
+    "/usr/share/common-licenses/GFDL-1.3",
+    "/usr/share/doc/libjpeg-dev/structure.txt.gz",
+    "/usr/share/doc/man-db/man-db-manual.txt.gz",
+)
+
+
+def _read(path: str) -> str:
+    raw = gzip.open(path, "rt").read() if path.endswith(".gz") else Path(path).read_text()
+    raw = re.sub(r"\x1b\[[0-9;]*m", "", raw)  # the man-db manual is rendered with terminal escapes
+    raw = re.sub(r".\x08", "", raw)  # and with overstrike (char, backspace, char)
+    paragraphs = [re.sub(r"\s+", " ", p).strip() for p in re.split(r"\n\s*\n", raw)]
+    return "\n\n".join(p for p in paragraphs if p)
+
+
+def outside_windows(tokenizer, window: int = 1024) -> torch.Tensor:
+    """``[4, window]``: one window from the start of each file in :data:`OUTSIDE_FILES`."""
+    return torch.cat([token_windows(tokenizer, [_read(f)], window, 1) for f in OUTSIDE_FILES])
+
+
+def wiki_eval_windows(tokenizer, n: int = 4, window: int = 1024) -> torch.Tensor:
+    """``[n, window]`` windows of the wiki ``eval`` split (disjoint from ``calib``)."""
+    return token_windows(tokenizer, wiki_texts("eval"), window, n)
