@@ -2,15 +2,25 @@
 
 from __future__ import annotations
 
+import inspect
+
 import pytest
 import torch
-from transformers import DynamicCache
+from transformers import DynamicCache, LlamaForCausalLM
 
 from orthorank.kvcache import POLICIES, BudgetCache, BudgetConfig, BudgetLayer, separator_ids
 from conftest import tiny_model as conftest_tiny_model
 from orthorank.kvcache.policies import attention_hits, eviction_count, page_priority, select_keep
 
 VOCAB = 96
+
+
+CACHE_KW = "cache" if "cache" in inspect.signature(LlamaForCausalLM.forward).parameters else "past_key_values"
+
+
+def kv(cache: object) -> dict[str, object]:
+    """The cache keyword of the installed release's model forward / generate (``cache`` or ``past_key_values``)."""
+    return {CACHE_KW: cache}
 
 
 def tiny_model(arch: str = "llama", attn: str = "sdpa", seed: int = 0) -> torch.nn.Module:
@@ -129,7 +139,7 @@ def test_milestone_layer_keeps_exactly_the_refreshed_tokens() -> None:
     # protected {0}, {6, 7}; candidates 2(6) 3(7) 4(4) 5(5) -> evict 4
     assert layer.positions.tolist() == [[0, 2, 3, 5, 6, 7]]
     assert layer.get_seq_length() == 8 and layer.stored_length == 6
-    assert layer.get_mask_sizes(1) == (7, 0)
+    assert layer.get_mask_sizes(1) == (7, 2)  # 8 seen, 6 stored: keys numbered from 2
     assert layer.evicted == 2
 
 
@@ -179,14 +189,14 @@ def test_unlimited_budget_equals_dynamic_cache_in_generate(arch: str, policy: st
     model = tiny_model(arch)
     prompt = ids(7)
     ref = model.generate(
-        prompt, max_new_tokens=16, do_sample=False, cache=DynamicCache(config=model.config),
+        prompt, max_new_tokens=16, do_sample=False, **kv(DynamicCache(config=model.config)),
         output_logits=True, return_dict_in_generate=True,
     )
     extra = {"separator_ids": [1, 2, 3]} if policy == "separators" else {}
     budget = None if policy == "full" else 64
     cache = BudgetCache(model, budget=budget, policy=policy, **extra)
     out = model.generate(
-        prompt, max_new_tokens=16, do_sample=False, cache=cache, output_logits=True, return_dict_in_generate=True
+        prompt, max_new_tokens=16, do_sample=False, **kv(cache), output_logits=True, return_dict_in_generate=True
     )
     assert torch.equal(out.sequences, ref.sequences)
     for a, b in zip(out.logits, ref.logits):
@@ -197,11 +207,11 @@ def test_unlimited_budget_equals_dynamic_cache_in_generate(arch: str, policy: st
 def test_beam_search_reorders_the_extra_state() -> None:
     model = tiny_model()
     prompt = ids(6)
-    ref = model.generate(prompt, max_new_tokens=8, num_beams=3, do_sample=False, cache=DynamicCache(config=model.config))
-    out = model.generate(prompt, max_new_tokens=8, num_beams=3, do_sample=False, cache=BudgetCache(model, 64, "milestone"))
+    ref = model.generate(prompt, max_new_tokens=8, num_beams=3, do_sample=False, **kv(DynamicCache(config=model.config)))
+    out = model.generate(prompt, max_new_tokens=8, num_beams=3, do_sample=False, **kv(BudgetCache(model, 64, "milestone")))
     assert torch.equal(out, ref)
     small = BudgetCache(model, 12, "milestone", n_sink=2, window=4)
-    model.generate(prompt, max_new_tokens=16, num_beams=3, do_sample=False, cache=small)
+    model.generate(prompt, max_new_tokens=16, num_beams=3, do_sample=False, **kv(small))
     positions = small.layers[0].positions
     assert positions.shape == (3, 12) and bool((positions.diff(dim=1) > 0).all())
     assert positions[:, :6].tolist() == [list(range(6))] * 3  # the protected prompt, in every beam
@@ -225,9 +235,9 @@ def test_evicted_cache_equals_full_attention_with_the_same_mask(attn: str, chunk
     model = tiny_model("llama", attn)
     seq, prompt, budget, n_sink = ids(40), 6, 12, 2
     cache = BudgetCache(model, budget=budget, policy="sink_window", n_sink=n_sink, window=0)
-    logits = [model(seq[:, :prompt], cache=cache).logits]
+    logits = [model(seq[:, :prompt], **kv(cache)).logits]
     for t in range(prompt, seq.shape[1], chunk):
-        logits.append(model(seq[:, t : t + chunk], cache=cache).logits)
+        logits.append(model(seq[:, t : t + chunk], **kv(cache)).logits)
     got = torch.cat(logits, dim=1)
     mask = streaming_mask(seq.shape[1], prompt, budget, n_sink, chunk)
     if attn == "eager":
@@ -237,11 +247,11 @@ def test_evicted_cache_equals_full_attention_with_the_same_mask(attn: str, chunk
     assert cache.layers[0].stored_length == budget and cache.get_seq_length() == seq.shape[1]
     # negative control: numbering new tokens by the STORED length (a naive cache) gives other logits
     naive = BudgetCache(model, budget=budget, policy="sink_window", n_sink=n_sink, window=0)
-    model(seq[:, :prompt], cache=naive)
+    model(seq[:, :prompt], **kv(naive))
     for t in range(prompt, seq.shape[1], chunk):
         x = seq[:, t : t + chunk]
-        compressed = naive.get_query_offset(0) + torch.arange(x.shape[1])[None]
-        last = model(x, cache=naive, position_ids=compressed).logits
+        compressed = naive.layers[0].stored_length + torch.arange(x.shape[1])[None]
+        last = model(x, **kv(naive), position_ids=compressed).logits
     assert not torch.allclose(last, got[:, -last.shape[1] :], atol=1e-3)
 
 
@@ -252,12 +262,12 @@ def test_new_token_rope_position_is_absolute_after_eviction() -> None:
         lambda m, args, kwargs: seen.append(kwargs["position_ids"].clone()), with_kwargs=True
     )
     cache = BudgetCache(model, budget=16, policy="milestone", n_sink=2, window=4)
-    model.generate(ids(5), max_new_tokens=40, do_sample=False, cache=cache)
+    model.generate(ids(5), max_new_tokens=40, do_sample=False, **kv(cache))
     handle.remove()
     assert cache.layers[0].stored_length == 16 and cache.get_seq_length() == 5 + 39
     assert seen[0].tolist() == [[0, 1, 2, 3, 4]]
     assert [int(p[0, -1]) for p in seen[1:]] == list(range(5, 44))
-    assert cache.get_query_offset(0) == 16 and cache.get_mask_sizes(1, 0) == (17, 0)
+    assert cache.get_mask_sizes(1, 0) == (17, 44 - 16)
 
 
 def test_milestone_refresh_matches_eager_attention_weights() -> None:
@@ -267,8 +277,8 @@ def test_milestone_refresh_matches_eager_attention_weights() -> None:
     cache = BudgetCache(
         model, budget=100, policy="milestone", n_sink=1, window=1, top_fraction=0.25, protect_prompt=False
     )
-    model(seq[:, :12], cache=cache)
-    out = model(seq[:, 12:], cache=cache, output_attentions=True)
+    model(seq[:, :12], **kv(cache))
+    out = model(seq[:, 12:], **kv(cache), output_attentions=True)
     for layer_idx, weights in enumerate(out.attentions):  # [1, H, 1, 13]
         score = weights[0, :, 0].mean(0)
         top = set(score.topk(4).indices.tolist())  # ceil(0.25 * 13) = 4
@@ -285,9 +295,9 @@ def test_batch_rows_evict_independently() -> None:
     ]
     outs = []
     for cache, rows in zip(caches, (seq, seq[:1], seq[1:])):
-        logits = [model(rows[:, :4], cache=cache).logits]
+        logits = [model(rows[:, :4], **kv(cache)).logits]
         for t in range(4, rows.shape[1]):
-            logits.append(model(rows[:, t : t + 1], cache=cache).logits)
+            logits.append(model(rows[:, t : t + 1], **kv(cache)).logits)
         outs.append(torch.cat(logits, 1))
     torch.testing.assert_close(outs[0], torch.cat(outs[1:], 0), rtol=1e-4, atol=1e-5)
     for layer_idx in range(2):
@@ -303,15 +313,15 @@ def test_padded_batch_raises_clearly() -> None:
     mask = torch.ones(2, 6, dtype=torch.long)
     mask[1, :2] = 0
     with pytest.raises(ValueError, match="padded batches"):
-        model.generate(ids(6, batch=2), attention_mask=mask, max_new_tokens=3, do_sample=False, cache=cache)
+        model.generate(ids(6, batch=2), attention_mask=mask, max_new_tokens=3, do_sample=False, **kv(cache))
 
 
 def test_hooks_required_attached_and_removable() -> None:
     model = tiny_model()
     cache = BudgetCache(model.config, budget=16, policy="milestone", n_sink=2, window=2)
-    model(ids(4), cache=cache)
+    model(ids(4), **kv(cache))
     with pytest.raises(RuntimeError, match="attach"):
-        model(ids(1), cache=cache)
+        model(ids(1), **kv(cache))
     attn = model.model.layers[0].self_attn
     before = (len(model._forward_pre_hooks), len(attn._forward_pre_hooks), len(attn.q_proj._forward_hooks))
     with BudgetCache(model, budget=16, policy="milestone", n_sink=2, window=2) as other:
@@ -320,7 +330,7 @@ def test_hooks_required_attached_and_removable() -> None:
     assert (len(model._forward_pre_hooks), len(attn._forward_pre_hooks), len(attn.q_proj._forward_hooks)) == before
     seps = BudgetCache(model.config, budget=16, policy="separators", separator_ids=[1], n_sink=2, window=2)
     with pytest.raises(RuntimeError, match="token ids"):
-        model(ids(4), cache=seps)
+        model(ids(4), **kv(seps))
 
 
 def test_separator_ids_from_tokenizer() -> None:
@@ -346,12 +356,12 @@ def test_composes_with_orthorank_patch() -> None:
     orthorank.patch(model, layers=[1])
     try:
         prompt = ids(12)
-        ref = model.generate(prompt, max_new_tokens=12, do_sample=False, cache=DynamicCache(config=model.config))
+        ref = model.generate(prompt, max_new_tokens=12, do_sample=False, **kv(DynamicCache(config=model.config)))
         cache = BudgetCache(model, budget=64, policy="milestone", n_sink=2, window=4)
-        out = model.generate(prompt, max_new_tokens=12, do_sample=False, cache=cache)
+        out = model.generate(prompt, max_new_tokens=12, do_sample=False, **kv(cache))
         assert torch.equal(out, ref)
         small = BudgetCache(model, budget=16, policy="milestone", n_sink=2, window=4)
-        model.generate(prompt, max_new_tokens=20, do_sample=False, cache=small)
+        model.generate(prompt, max_new_tokens=20, do_sample=False, **kv(small))
         stats = small.stats()
         assert stats["stored"] == 16 and stats["seen"] == 31 and stats["unscored_updates"] == 0
     finally:

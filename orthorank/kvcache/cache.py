@@ -4,8 +4,10 @@ Works with stock ``model.generate(..., past_key_values=cache)`` (or ``cache=cach
 plain ``model(input_ids, cache=cache)`` loop. Design decisions:
 
 * Positions stay absolute. ``get_seq_length()`` returns the number of tokens seen, so the model
-  places new tokens (RoPE) at their true positions; ``get_query_offset`` and ``get_mask_sizes``
-  return the stored count, so the causal mask matches the stored keys. Cached keys carry RoPE of
+  places new tokens (RoPE) at their true positions and numbers the queries of the mask with them;
+  ``get_mask_sizes`` returns the stored count plus the new tokens, at offset ``seen - stored``, so the
+  causal mask matches the stored keys (on every release: the mask takes the query positions from
+  ``cache_position`` up to 5.3 and from ``get_seq_length`` / ``get_query_offset`` after). Cached keys carry RoPE of
   their own absolute positions already.
 * ``milestone`` scores come from the real query of the step: the cache registers, on the model
   instance only, a forward pre-hook on each attention module (RoPE ``cos``/``sin`` and scale) and a
@@ -221,12 +223,6 @@ class BudgetCache(Cache):
                     "cache.attach(model), and pass input_ids (not inputs_embeds)"
                 )
         return layer.update(key_states, value_states, query=query, scaling=scaling, separators=separators)
-
-    def get_query_offset(self, layer_idx: int = 0) -> int:
-        """Index of the first new query among the keys of the mask: the STORED length."""
-        if layer_idx >= len(self.layers):
-            return 0
-        return self.layers[layer_idx].stored_length
 
     def reset(self) -> None:
         super().reset()

@@ -8,6 +8,8 @@ from typing import Callable
 import torch
 from transformers.cache_utils import CacheLayerMixin
 
+from ..compat import mask_query_length
+
 from .policies import SEPARATOR_BONUS, BudgetConfig, attention_hits, eviction_count, page_priority, select_keep
 
 logger = logging.getLogger(__name__)
@@ -187,9 +189,15 @@ class BudgetLayer(CacheLayerMixin):
         self.positions = self.positions.gather(1, index)
         self.priorities = self.priorities.gather(1, index)
 
-    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
-        """``(kv_length, kv_offset)`` for the mask: the stored tokens plus the new queries."""
-        return self.stored_length + query_length, 0
+    def get_mask_sizes(self, query_length: int | torch.Tensor) -> tuple[int, int]:
+        """``(kv_length, kv_offset)`` for the mask: the stored tokens plus the new queries.
+
+        The queries keep their absolute positions (``get_seq_length`` onwards), so the keys are
+        numbered as if the stored ones were the tokens just before them: offset ``seen - stored``.
+        ``query_length`` is the query count (or ``cache_position`` on releases before 5.4).
+        """
+        stored = self.stored_length
+        return stored + mask_query_length(query_length), self.cumulative_length - stored
 
     def get_seq_length(self) -> int:
         """Absolute number of tokens seen (not the stored count), used to place new positions."""
@@ -197,6 +205,10 @@ class BudgetLayer(CacheLayerMixin):
 
     def get_max_length(self) -> int:
         return -1 if self.config.budget is None or not self.config.evicts else self.config.budget
+
+    def get_max_cache_shape(self) -> int:
+        """The name of :meth:`get_max_length` before transformers 5.24 (abstract there)."""
+        return self.get_max_length()
 
     def reset(self) -> None:
         self.keys = self.values = self.positions = self.priorities = None
