@@ -46,7 +46,7 @@ def one_hot_keys(n: int, dim: int = 8) -> torch.Tensor:
 
 # ------------------------------------------------------------------------------------- configuration
 def test_config_validation_names_allowed_values() -> None:
-    with pytest.raises(ValueError, match="milestone.*sink_window.*separators.*full"):
+    with pytest.raises(ValueError, match="milestone.*attention.*sink_window.*separators.*full"):
         BudgetConfig(policy="lru")
     with pytest.raises(ValueError, match="always-kept"):
         BudgetConfig(policy="milestone", budget=20, n_sink=4, window=32)
@@ -59,7 +59,7 @@ def test_config_validation_names_allowed_values() -> None:
     with pytest.raises(ValueError, match="page_size"):
         BudgetConfig(page_size=0)
     assert BudgetConfig(policy="full", budget=None).evicts is False
-    assert set(POLICIES) == {"milestone", "sink_window", "separators", "full"}
+    assert set(POLICIES) == {"milestone", "attention", "sink_window", "separators", "full"}
 
 
 def test_separators_need_ids_and_reject_them_elsewhere() -> None:
@@ -366,3 +366,99 @@ def test_composes_with_orthorank_patch() -> None:
         assert stats["stored"] == 16 and stats["seen"] == 31 and stats["unscored_updates"] == 0
     finally:
         orthorank.unpatch(model)
+
+
+# ------------------------------------------------------------------------------------- attention (TOVA) policy
+def test_attention_layer_evicts_the_least_attended_down_to_the_headroom() -> None:
+    layer = _layer("attention", 6, n_sink=1, window=1, headroom=2)
+    keys = one_hot_keys(12)
+    layer.update(keys[:, :, :6], keys[:, :, :6].clone())
+    assert not layer.needs_query(0) and layer.needs_query(1)  # 6 stored + 1 new > 6
+    q = torch.zeros(1, 1, 1, 8)
+    q[..., 2] = q[..., 3] = 10.0  # the query at position 6 attends to keys 2 and 3
+    _decode(layer, keys[:, :, 6:7], q)
+    # 7 > 6: evict down to 6 - 2 = 4; sink {0} and window {6} stay; 1, 4, 5 are the least attended
+    assert layer.positions.tolist() == [[0, 2, 3, 6]] and layer.evicted == 3
+    for t in (7, 8):  # back under the budget: no eviction, no query needed
+        assert not layer.needs_query(1)
+        _decode(layer, keys[:, :, t : t + 1])
+    assert layer.positions.tolist() == [[0, 2, 3, 6, 7, 8]] and layer.unscored_updates == 0
+    _decode(layer, keys[:, :, 9:10])  # evicting without a query: oldest first, counted as unscored
+    assert layer.positions.tolist() == [[0, 7, 8, 9]] and layer.unscored_updates == 1
+
+
+def test_headroom_and_budget_validation() -> None:
+    with pytest.raises(ValueError, match="headroom"):
+        BudgetConfig(policy="attention", budget=40, n_sink=4, window=32, headroom=8)
+    with pytest.raises(ValueError, match="headroom"):
+        BudgetConfig(policy="attention", budget=64, headroom=-1)
+    assert eviction_count(stored=11, budget=10, n_protected=2, page_size=1, headroom=3) == 4
+    assert eviction_count(stored=10, budget=10, n_protected=2, page_size=1, headroom=3) == 0
+
+
+@pytest.mark.parametrize("headroom", [0, 3])
+def test_attention_policy_evicts_by_the_models_own_attention_weights(headroom: int) -> None:
+    """The evicted tokens are the least attended (mean over heads) by the step's query, per layer."""
+    model = tiny_model("llama", "eager")
+    seq = ids(13)
+    cache = BudgetCache(model, budget=12, policy="attention", n_sink=1, window=2, headroom=headroom)
+    model(seq[:, :12], **kv(cache))
+    out = model(seq[:, 12:], **kv(cache), output_attentions=True)
+    for layer_idx, weights in enumerate(out.attentions):  # [1, H, 1, 13]
+        score = weights[0, :, 0].mean(0)[1:11]  # candidates: not the sink (0), not the window (11, 12)
+        evicted = set((score.argsort()[: 1 + headroom] + 1).tolist())
+        kept = set(cache.layers[layer_idx].positions[0].tolist())
+        assert kept == set(range(13)) - evicted and len(kept) == 12 - headroom
+
+
+def test_two_caches_on_one_model_are_independent() -> None:
+    """Caches attached to the same model and stepped alternately equal each one run alone."""
+    model = tiny_model()
+    seq = ids(40)
+    configs = [dict(policy="milestone", protect_prompt=False), dict(policy="attention", headroom=2)]
+
+    def decode(caches: list[BudgetCache]) -> list[torch.Tensor]:
+        outs = [[model(seq[:, :4], **kv(c)).logits] for c in caches]
+        for t in range(4, seq.shape[1]):
+            for c, out in zip(caches, outs):
+                out.append(model(seq[:, t : t + 1], **kv(c)).logits)
+        return [torch.cat(o, 1) for o in outs]
+
+    alone = [decode([BudgetCache(model, budget=12, n_sink=1, window=2, **cfg)])[0] for cfg in configs]
+    together = [BudgetCache(model, budget=12, n_sink=1, window=2, **cfg) for cfg in configs]
+    for got, want in zip(decode(together), alone):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+    assert [c.stats()["unscored_updates"] for c in together] == [0, 0]
+    assert not torch.equal(together[0].layers[0].positions, together[1].layers[0].positions)
+
+
+def test_sink_window_with_headroom_equals_kvpress_streaming_decoding_press() -> None:
+    """The benchmark's protocol against kvpress: same peak, same schedule, same logits.
+
+    One compression only (at step 16, position 23; the text ends before the next): kvpress keeps the
+    tokens in ``topk`` order, which scrambles the storage order on ties, and StreamingLLMPress then
+    prunes by storage index, so later compressions no longer drop the oldest tokens.
+    """
+    kvpress = pytest.importorskip("kvpress")
+    model = tiny_model()
+    seq, prompt, budget, interval = ids(27), 8, 24, 4  # (budget - prompt) % interval == 0: same schedule
+    press = kvpress.DecodingPress(
+        base_press=kvpress.StreamingLLMPress(n_sink=2), compression_interval=interval, target_size=budget - interval
+    )
+    ours = BudgetCache(model, budget=budget - 1, policy="sink_window", n_sink=2, window=0, headroom=interval - 1)
+    theirs = DynamicCache()
+
+    def decode(cache: object) -> torch.Tensor:
+        out = [model(seq[:, :prompt], **kv(cache)).logits]
+        for t in range(prompt, seq.shape[1]):
+            extra = {"cache_position": torch.tensor([t])} if CACHE_KW == "past_key_values" else {}
+            out.append(model(seq[:, t : t + 1], **kv(cache), position_ids=torch.tensor([[t]]), **extra).logits)
+        return torch.cat(out, 1)
+
+    with press(model):
+        theirs_logits = decode(theirs)
+    ours_logits = decode(ours)
+    logits = {"ours": ours_logits, "kvpress": theirs_logits}
+    torch.testing.assert_close(logits["ours"], logits["kvpress"], rtol=1e-5, atol=1e-5)
+    assert ours.layers[0].stored_length == theirs.layers[0].keys.shape[-2] == budget - 1  # 20 after step 16, + 3
+    assert ours.layers[0].evicted == interval

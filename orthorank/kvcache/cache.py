@@ -33,7 +33,7 @@ from transformers import PretrainedConfig
 from transformers.cache_utils import Cache
 
 from .layer import BudgetLayer
-from .policies import BudgetConfig, separator_ids as tokenizer_separator_ids
+from .policies import QUERY_POLICIES, BudgetConfig, separator_ids as tokenizer_separator_ids
 
 logger = logging.getLogger(__name__)
 
@@ -61,14 +61,15 @@ class BudgetCache(Cache):
     """A KV cache that never stores more than ``budget`` tokens per layer between forward passes.
 
     Args:
-        model_or_config: the model (hooks are attached at once, needed by ``milestone`` and
-            ``separators``) or its config (call :meth:`attach` later if the policy needs it).
+        model_or_config: the model (hooks are attached at once, needed by ``milestone``,
+            ``attention`` and ``separators``) or its config (call :meth:`attach` later if the policy needs it).
         budget: most stored tokens per layer; ``None`` with ``policy="full"``.
-        policy: one of ``"milestone"``, ``"sink_window"``, ``"separators"``, ``"full"``.
+        policy: one of ``"milestone"``, ``"attention"``, ``"sink_window"``, ``"separators"``, ``"full"``.
         tokenizer: for ``separators``: its punctuation/newline tokens are the separators.
         separator_ids: for ``separators``: explicit token ids instead of ``tokenizer``.
         **params: other :class:`~orthorank.kvcache.policies.BudgetConfig` fields
-            (``n_sink``, ``window``, ``top_fraction``, ``head_reduce``, ``page_size``, ``protect_prompt``).
+            (``n_sink``, ``window``, ``top_fraction``, ``head_reduce``, ``page_size``, ``protect_prompt``,
+            ``headroom``).
 
     Example::
 
@@ -129,7 +130,7 @@ class BudgetCache(Cache):
             self.detach()
         ref = weakref.ref(self)
         self._hooks.append(model.register_forward_pre_hook(_model_pre_hook(ref), with_kwargs=True))
-        if self.budget_config.policy == "milestone":
+        if self.budget_config.policy in QUERY_POLICIES:
             found = 0
             for module in model.modules():
                 if hasattr(module, "q_proj") and isinstance(getattr(module, "layer_idx", None), int):
@@ -138,7 +139,9 @@ class BudgetCache(Cache):
                     found += 1
             if found == 0:
                 self.detach()
-                raise ValueError("no attention module with q_proj and layer_idx found; 'milestone' cannot see queries")
+                raise ValueError(
+                    f"no attention module with q_proj and layer_idx found; {self.budget_config.policy!r} cannot see queries"
+                )
         return self
 
     def detach(self) -> None:
@@ -205,12 +208,15 @@ class BudgetCache(Cache):
         layer = self.layers[layer_idx]
         policy = self.budget_config.policy
         query, scaling, separators = None, None, None
-        if policy == "milestone" and self.budget_config.evicts:
-            query, scaling = self._take_query(layer_idx, key_states)
-            if query is None and layer.stored_length > 0:
+        if policy in QUERY_POLICIES and self.budget_config.evicts:
+            if layer.needs_query(key_states.shape[-2]):
+                query, scaling = self._take_query(layer_idx, key_states)
+            else:
+                self._slots.pop(layer_idx, None)
+            if query is None and layer.needs_query(key_states.shape[-2]):
                 if not self.attached:
                     raise RuntimeError(
-                        "policy='milestone' needs the queries: create BudgetCache(model, ...) "
+                        f"policy={policy!r} needs the queries: create BudgetCache(model, ...) "
                         "or call cache.attach(model)"
                     )
                 if layer.unscored_updates == 0:

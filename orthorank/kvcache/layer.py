@@ -10,7 +10,16 @@ from transformers.cache_utils import CacheLayerMixin
 
 from ..compat import mask_query_length
 
-from .policies import SEPARATOR_BONUS, BudgetConfig, attention_hits, eviction_count, page_priority, select_keep
+from .policies import (
+    SEPARATOR_BONUS,
+    BudgetConfig,
+    attention_hits,
+    attention_scores,
+    eviction_count,
+    page_priority,
+    select_keep,
+    top_keys,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -86,8 +95,9 @@ class BudgetLayer(CacheLayerMixin):
         Args:
             key_states: ``[B, H_kv, T, D]`` new keys (after RoPE).
             value_states: ``[B, H_kv, T, D]`` new values.
-            query: ``[B, H_q, T, D]`` post-RoPE queries of the new tokens (``milestone``); ``None``
-                leaves old timestamps unrefreshed for this step.
+            query: ``[B, H_q, T, D]`` post-RoPE queries of the new tokens (``milestone``; ``attention``
+                when this step evicts); ``None`` leaves old timestamps unrefreshed for this step
+                (``attention``: evicts the oldest instead).
             scaling: softmax scale of the attention module (with ``query``).
             separators: ``[B, T]`` bool, which new tokens are separators (``separators``).
 
@@ -123,25 +133,33 @@ class BudgetLayer(CacheLayerMixin):
                 self.unscored_updates += 1
             else:
                 with torch.no_grad():
-                    hits = attention_hits(query, keys, scaling, cfg.top_fraction, cfg.head_reduce)  # [B, T, S+T]
                     if t_new == 1:  # the query's position exceeds every timestamp: just overwrite
-                        priorities = torch.where(hits[:, 0], new_pos, priorities)
+                        priorities.scatter_(1, top_keys(query, keys, scaling, cfg.top_fraction, cfg.head_reduce), start)
                     else:
+                        hits = attention_hits(query, keys, scaling, cfg.top_fraction, cfg.head_reduce)  # [B, T, S+T]
                         stamp = torch.where(hits, new_pos[:, :, None], -1).amax(dim=1)  # [B, S+T]
                         priorities = torch.maximum(priorities, stamp)
 
         self.keys, self.values, self.positions, self.priorities = keys, values, positions, priorities
-        if cfg.evicts:
-            self._evict()
+        if cfg.evicts and self.stored_length > cfg.budget:
+            scores = None
+            if cfg.policy == "attention":
+                if query is None:
+                    self.unscored_updates += 1
+                else:
+                    with torch.no_grad():
+                        scores = attention_scores(query, keys, scaling, cfg.head_reduce)  # [B, S+T]
+            self._evict(scores)
         return keys, values
 
     def _check_prompt(self, prompt_length: int) -> None:
         cfg = self.config
         if cfg.policy == "milestone" and cfg.protect_prompt and cfg.evicts:
-            if prompt_length + cfg.window > cfg.budget:
+            if prompt_length + cfg.window > cfg.budget - cfg.headroom:
                 raise ValueError(
-                    f"budget={cfg.budget} cannot hold the protected prompt ({prompt_length} tokens) plus the "
-                    f"recent window ({cfg.window}); raise the budget or use protect_prompt=False"
+                    f"budget - headroom = {cfg.budget - cfg.headroom} cannot hold the protected prompt "
+                    f"({prompt_length} tokens) plus the recent window ({cfg.window}); raise the budget or use "
+                    "protect_prompt=False"
                 )
 
     def protected_counts(self) -> tuple[int, int]:
@@ -159,16 +177,26 @@ class BudgetLayer(CacheLayerMixin):
         head = min(head, stored)
         return head, min(cfg.window, stored - head)
 
-    def _evict(self) -> None:
+    def needs_query(self, t_new: int) -> bool:
+        """Whether the next update of ``t_new`` tokens uses the query (scoring happens then)."""
+        cfg = self.config
+        if not cfg.evicts:
+            return False
+        if cfg.policy == "milestone":
+            return self.stored_length > 0
+        return cfg.policy == "attention" and self.stored_length + t_new > cfg.budget
+
+    def _evict(self, scores: torch.Tensor | None = None) -> None:
+        """Evict down to ``budget - headroom`` once above ``budget``: lowest ``scores`` (``[B, S]``
+        float, ``attention``) or else lowest priority first, never the protected tokens."""
         cfg = self.config
         stored = self.stored_length
-        if stored <= cfg.budget:
-            return
         head, tail = self.protected_counts()
-        n_evict = eviction_count(stored, cfg.budget, head + tail, cfg.page_size)
+        n_evict = eviction_count(stored, cfg.budget, head + tail, cfg.page_size, cfg.headroom)
         if n_evict <= 0:
             return
-        prio = page_priority(self.priorities, self.positions, cfg.page_size)[:, head : stored - tail]
+        rank = self.priorities if scores is None else scores
+        prio = page_priority(rank, self.positions, cfg.page_size)[:, head : stored - tail]
         middle = select_keep(prio, n_evict) + head  # [B, M - n_evict]
         bsz = middle.shape[0]
         index = torch.cat(
