@@ -198,7 +198,7 @@ class BudgetCache(Cache):
             return None, None
         query = raw.view(bsz, t_new, -1, dim).transpose(1, 2)
         cos, sin = slot.cos.unsqueeze(1), slot.sin.unsqueeze(1)
-        return query * cos + _rotate_half(query) * sin, slot.scaling
+        return torch.addcmul(query * cos, _rotate_half(query), sin), slot.scaling
 
     # ----------------------------------------------------------------------------------- Cache API
     def update(

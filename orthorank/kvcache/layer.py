@@ -197,8 +197,12 @@ class BudgetLayer(CacheLayerMixin):
             return
         rank = self.priorities if scores is None else scores
         prio = page_priority(rank, self.positions, cfg.page_size)[:, head : stored - tail]
+        bsz = prio.shape[0]
+        self.evicted += n_evict
+        if n_evict == 1 and bsz == 1:  # the common decode step: drop one token, no sort or gather
+            self._drop(head + int(prio.argmin()))  # argmin: first of equal minima, the oldest (as select_keep)
+            return
         middle = select_keep(prio, n_evict) + head  # [B, M - n_evict]
-        bsz = middle.shape[0]
         index = torch.cat(
             [
                 torch.arange(head, device=self.device).expand(bsz, head),
@@ -208,7 +212,13 @@ class BudgetLayer(CacheLayerMixin):
             dim=1,
         )
         self._gather(index)
-        self.evicted += n_evict
+
+    def _drop(self, i: int) -> None:
+        """Remove stored token ``i`` (batch size 1)."""
+        self.keys = torch.cat([self.keys[:, :, :i], self.keys[:, :, i + 1 :]], dim=2)
+        self.values = torch.cat([self.values[:, :, :i], self.values[:, :, i + 1 :]], dim=2)
+        self.positions = torch.cat([self.positions[:, :i], self.positions[:, i + 1 :]], dim=1)
+        self.priorities = torch.cat([self.priorities[:, :i], self.priorities[:, i + 1 :]], dim=1)
 
     def _gather(self, index: torch.Tensor) -> None:
         """Keep the stored tokens at ``index`` (``[B, S']`` long) in every row."""
