@@ -19,10 +19,16 @@ Every budgeted method keeps the peak at or under ``B``:
   (``position_ids`` and ``cache_position``) to every method.
 
 kvpress is optional: where it is not installed its rows are skipped with a note. kvpress 0.5.5 pins
-``transformers<5.3``. Example (about 1 CPU-hour for everything)::
+``transformers<5.3``. Results are checkpointed every 128 positions (``positions_done``), so a run
+stopped early still leaves a complete comparison on a shorter text. Run from the repository root
+(``PYTHONPATH=.``), one process per budget, then merge (JSON + plot next to the first file)::
 
-    python examples/budget_vs_kvpress.py --budgets 128 256 --out results/kvcache/vs_kvpress_a.json
-    python examples/budget_vs_kvpress.py --render results/kvcache/vs_kvpress_*.json
+    PYTHONPATH=. python examples/budget_vs_kvpress.py --tokens 640 --budgets 256 \
+        --policies milestone attention sink_window --headroom-policies \
+        --out examples/results/kvcache/vs_kvpress_256.json
+    python examples/budget_vs_kvpress.py --render examples/results/kvcache/vs_kvpress_*.json
+
+A step costs about 0.08 CPU-seconds, so 7 methods x 600 tokens is about 6 CPU-minutes per budget.
 """
 
 from __future__ import annotations
@@ -182,6 +188,7 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     if args.render:
         merged = merge([json.loads(p.read_text()) for p in args.render])
+        args.render[0].with_name("budget_vs_kvpress.json").write_text(json.dumps(merged, indent=2))
         print(render(merged))
         plot(merged, args.render[0].with_name("budget_vs_kvpress.png"))
         return
@@ -204,7 +211,7 @@ def main() -> None:
     def report(position: int) -> dict[str, Any]:
         return {
         "model": "SmolLM2-135M-Instruct (embedded), float32, sdpa",
-        "text": f"wiki eval split (titles outside the calibration split), first {args.tokens} tokens",
+        "text": f"wiki eval split (titles outside the calibration split), first {position} tokens",
         "transformers": transformers.__version__,
         "torch": torch.__version__,
         "kvpress": _kvpress_version(),
@@ -243,49 +250,72 @@ def _kvpress_version() -> str | None:
 
 
 def merge(reports: list[dict[str, Any]]) -> dict[str, Any]:
-    """One report from several runs of the same text (e.g. budgets split across processes)."""
+    """One report from several runs of the same text (e.g. budgets split across processes).
+
+    Each row gets ``ms_vs_full``: its median ms/token over the full cache's of the same run (the
+    rows of a run are measured interleaved; runs are not). The full-cache row is kept once.
+    """
     merged = dict(reports[0])
-    merged["rows"] = [row for r in reports for row in r["rows"]]
+    merged["rows"] = []
+    for r in reports:
+        full = next((row for row in r["rows"] if row["budget"] is None), None)
+        for row in r["rows"]:
+            ratio = row["ms_per_token_median"] / full["ms_per_token_median"] if full else None
+            if row["budget"] is not None or not any(m["budget"] is None for m in merged["rows"]):
+                merged["rows"].append(row | {"ms_vs_full": ratio})
     merged["notes"] = sorted({n for r in reports for n in r["notes"]})
-    merged["runs"] = [{"budgets": r["args"]["budgets"], "seconds": r["seconds"]} for r in reports]
+    done = {r.get("positions_done") for r in reports}
+    if len(done) != 1:
+        raise ValueError(f"the runs stopped at different positions {sorted(done)}: not the same text")
+    merged["text"] = f"wiki eval split (titles outside the calibration split), first {done.pop()} tokens"
+    merged["runs"] = [
+        {"budgets": r["args"]["budgets"], "seconds": r["seconds"], "positions_done": r.get("positions_done")}
+        for r in reports
+    ]
     return merged
 
 
 def render(report: dict[str, Any]) -> str:
-    """Markdown table: one row per method and budget, ms/token relative to the full cache of its run."""
-    lines = ["| budget | method | ppl | peak stored tokens | CPU ms/token (median / mean) |", "|---|---|---|---|---|"]
+    """Markdown table: one row per method and budget (best perplexity first within a budget)."""
+    lines = [
+        "| budget | method | ppl | peak stored tokens | CPU ms/token median / mean | median vs full cache |",
+        "|---|---|---|---|---|---|",
+    ]
     rows = sorted(report["rows"], key=lambda r: (r["budget"] or 0, r["ppl"]))
     for r in rows:
+        ratio = f"{r['ms_vs_full']:.2f}" if r.get("ms_vs_full") else "-"
         lines.append(
             f"| {r['budget'] or '-'} | {r['method']} | {r['ppl']:.2f} | {r['peak_stored_tokens']} | "
-            f"{r['ms_per_token_median']:.1f} / {r['ms_per_token_total']:.1f} |"
+            f"{r['ms_per_token_median']:.1f} / {r['ms_per_token_total']:.1f} | {ratio} |"
         )
     return "\n".join(lines + [f"\n{n}" for n in report["notes"]])
 
 
 def plot(report: dict[str, Any], path: Path) -> None:
-    """Perplexity and CPU ms/token against the budget, one line per method, the full cache dashed."""
+    """Perplexity and CPU time relative to the full cache against the budget, one line per method."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    keys = ("ppl", "ms_vs_full")
     names = sorted({r["method"] for r in report["rows"] if r["budget"] is not None})
     for name in names:
         rows = sorted((r for r in report["rows"] if r["method"] == name), key=lambda r: r["budget"])
         style = "-o" if name.startswith("orthorank") else "--s"
-        for ax, key in zip(axes, ("ppl", "ms_per_token_median")):
-            ax.plot([r["budget"] for r in rows], [r[key] for r in rows], style, label=name, markersize=4)
-    for r in report["rows"]:
-        if r["budget"] is None:
-            for ax, key in zip(axes, ("ppl", "ms_per_token_median")):
-                ax.axhline(r[key], color="black", linestyle=":", label="full cache")
-    for ax, title in zip(axes, ("perplexity (lower is better)", "CPU ms/token, median (interleaved)")):
+        for ax, key in zip(axes, keys):
+            ax.plot([r["budget"] for r in rows], [r.get(key) or float("nan") for r in rows], style, label=name,
+                    markersize=5)
+    full = next((r for r in report["rows"] if r["budget"] is None), None)
+    if full is not None:
+        axes[0].axhline(full["ppl"], color="black", linestyle=":", label="full cache")
+        axes[1].axhline(1.0, color="black", linestyle=":", label="full cache")
+    titles = ("perplexity (lower is better)", "CPU time per token / full cache's (median, interleaved)")
+    for ax, title in zip(axes, titles):
         ax.set_xscale("log", base=2)
         ax.set_xlabel("peak stored tokens per layer (budget)")
-        ax.set_title(title)
-    axes[0].set_yscale("log")
+        ax.set_title(title, fontsize=10)
     axes[0].legend(fontsize=7)
     fig.suptitle(f"SmolLM2-135M fp32, 1 thread, {report['text']}; transformers {report['transformers']}", fontsize=9)
     fig.tight_layout()

@@ -207,8 +207,9 @@ def test_unlimited_budget_equals_dynamic_cache_in_generate(arch: str, policy: st
 def test_beam_search_reorders_the_extra_state() -> None:
     model = tiny_model()
     prompt = ids(6)
-    ref = model.generate(prompt, max_new_tokens=8, num_beams=3, do_sample=False, **kv(DynamicCache(config=model.config)))
-    out = model.generate(prompt, max_new_tokens=8, num_beams=3, do_sample=False, **kv(BudgetCache(model, 64, "milestone")))
+    beams = dict(max_new_tokens=8, num_beams=3, do_sample=False)
+    ref = model.generate(prompt, **beams, **kv(DynamicCache(config=model.config)))
+    out = model.generate(prompt, **beams, **kv(BudgetCache(model, 64, "milestone")))
     assert torch.equal(out, ref)
     small = BudgetCache(model, 12, "milestone", n_sink=2, window=4)
     model.generate(prompt, max_new_tokens=16, num_beams=3, do_sample=False, **kv(small))

@@ -9,7 +9,8 @@ plain ``model(input_ids, cache=cache)`` loop. Design decisions:
   causal mask matches the stored keys (on every release: the mask takes the query positions from
   ``cache_position`` up to 5.3 and from ``get_seq_length`` / ``get_query_offset`` after). Cached keys carry RoPE of
   their own absolute positions already.
-* ``milestone`` scores come from the real query of the step: the cache registers, on the model
+* ``milestone`` and ``attention`` scores come from the real query of the step (``attention`` only
+  reads it in the steps that evict): the cache registers, on the model
   instance only, a forward pre-hook on each attention module (RoPE ``cos``/``sin`` and scale) and a
   forward hook on its ``q_proj`` (the projected query). In ``update`` it applies RoPE to that query
   and recomputes the softmax over the stored keys, so it works with every attention kernel (sdpa,
@@ -140,7 +141,8 @@ class BudgetCache(Cache):
             if found == 0:
                 self.detach()
                 raise ValueError(
-                    f"no attention module with q_proj and layer_idx found; {self.budget_config.policy!r} cannot see queries"
+                    f"no attention module with q_proj and layer_idx found; "
+                    f"{self.budget_config.policy!r} cannot see queries"
                 )
         return self
 
@@ -209,18 +211,19 @@ class BudgetCache(Cache):
         policy = self.budget_config.policy
         query, scaling, separators = None, None, None
         if policy in QUERY_POLICIES and self.budget_config.evicts:
-            if layer.needs_query(key_states.shape[-2]):
+            needs = layer.needs_query(key_states.shape[-2])
+            if needs:
                 query, scaling = self._take_query(layer_idx, key_states)
             else:
                 self._slots.pop(layer_idx, None)
-            if query is None and layer.needs_query(key_states.shape[-2]):
+            if query is None and needs:
                 if not self.attached:
                     raise RuntimeError(
                         f"policy={policy!r} needs the queries: create BudgetCache(model, ...) "
                         "or call cache.attach(model)"
                     )
                 if layer.unscored_updates == 0:
-                    logger.warning("layer %d: no query captured for this step; timestamps not refreshed", layer_idx)
+                    logger.warning("layer %d: no query captured for this step; scored by position instead", layer_idx)
         elif policy == "separators":
             separators = self._step_separators
             if separators is None or separators.shape != key_states.shape[:1] + key_states.shape[2:3]:

@@ -227,7 +227,9 @@ def reduce_heads(probs: torch.Tensor, head_reduce: str) -> torch.Tensor:
     return probs.mean(dim=1) if head_reduce == "mean" else probs.amax(dim=1)
 
 
-def attention_scores(query: torch.Tensor, keys: torch.Tensor, scaling: float, head_reduce: str = "mean") -> torch.Tensor:
+def attention_scores(
+    query: torch.Tensor, keys: torch.Tensor, scaling: float, head_reduce: str = "mean"
+) -> torch.Tensor:
     """TOVA's score: the attention of the newest query (the last of the ``T``) to every key.
 
     Args: as :func:`attention_probs`; ``head_reduce`` combines the query heads.
@@ -238,7 +240,9 @@ def attention_scores(query: torch.Tensor, keys: torch.Tensor, scaling: float, he
     return reduce_heads(attention_probs(query[:, :, -1:], keys, scaling), head_reduce)[:, 0]
 
 
-def top_keys(query: torch.Tensor, keys: torch.Tensor, scaling: float, top_fraction: float, head_reduce: str) -> torch.Tensor:
+def top_keys(
+    query: torch.Tensor, keys: torch.Tensor, scaling: float, top_fraction: float, head_reduce: str
+) -> torch.Tensor:
     """For ONE new query (``T == 1``): indices ``[B, k]`` of the ``k = ceil(top_fraction * (S + 1))``
     keys it attends to most, what :func:`attention_hits` marks, without building the mask."""
     scores = reduce_heads(attention_probs(query, keys, scaling), head_reduce)[:, 0]  # [B, S+1]
