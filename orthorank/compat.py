@@ -236,6 +236,12 @@ def mask_tensor(mask: Any) -> Any:
     return mask
 
 
+def mask_query_length(query: int | torch.Tensor) -> int:
+    """The number of new queries from what ``CacheLayerMixin.get_mask_sizes`` receives: the
+    ``cache_position`` tensor (up to 5.3) or the query length (5.4 on)."""
+    return int(query.shape[0]) if isinstance(query, torch.Tensor) else int(query)
+
+
 def past_length(cache: Any) -> int:
     """Tokens already in ``cache`` (0 for ``None``); one host sync for caches that keep a tensor."""
     if cache is None:

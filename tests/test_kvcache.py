@@ -2,15 +2,25 @@
 
 from __future__ import annotations
 
+import inspect
+
 import pytest
 import torch
-from transformers import DynamicCache
+from transformers import DynamicCache, LlamaForCausalLM
 
 from orthorank.kvcache import POLICIES, BudgetCache, BudgetConfig, BudgetLayer, separator_ids
 from conftest import tiny_model as conftest_tiny_model
 from orthorank.kvcache.policies import attention_hits, eviction_count, page_priority, select_keep
 
 VOCAB = 96
+
+
+CACHE_KW = "cache" if "cache" in inspect.signature(LlamaForCausalLM.forward).parameters else "past_key_values"
+
+
+def kv(cache: object) -> dict[str, object]:
+    """The cache keyword of the installed release's model forward / generate (``cache`` or ``past_key_values``)."""
+    return {CACHE_KW: cache}
 
 
 def tiny_model(arch: str = "llama", attn: str = "sdpa", seed: int = 0) -> torch.nn.Module:
@@ -36,7 +46,7 @@ def one_hot_keys(n: int, dim: int = 8) -> torch.Tensor:
 
 # ------------------------------------------------------------------------------------- configuration
 def test_config_validation_names_allowed_values() -> None:
-    with pytest.raises(ValueError, match="milestone.*sink_window.*separators.*full"):
+    with pytest.raises(ValueError, match="milestone.*attention.*sink_window.*separators.*full"):
         BudgetConfig(policy="lru")
     with pytest.raises(ValueError, match="always-kept"):
         BudgetConfig(policy="milestone", budget=20, n_sink=4, window=32)
@@ -49,7 +59,7 @@ def test_config_validation_names_allowed_values() -> None:
     with pytest.raises(ValueError, match="page_size"):
         BudgetConfig(page_size=0)
     assert BudgetConfig(policy="full", budget=None).evicts is False
-    assert set(POLICIES) == {"milestone", "sink_window", "separators", "full"}
+    assert set(POLICIES) == {"milestone", "attention", "sink_window", "separators", "full"}
 
 
 def test_separators_need_ids_and_reject_them_elsewhere() -> None:
@@ -129,7 +139,7 @@ def test_milestone_layer_keeps_exactly_the_refreshed_tokens() -> None:
     # protected {0}, {6, 7}; candidates 2(6) 3(7) 4(4) 5(5) -> evict 4
     assert layer.positions.tolist() == [[0, 2, 3, 5, 6, 7]]
     assert layer.get_seq_length() == 8 and layer.stored_length == 6
-    assert layer.get_mask_sizes(1) == (7, 0)
+    assert layer.get_mask_sizes(1) == (7, 2)  # 8 seen, 6 stored: keys numbered from 2
     assert layer.evicted == 2
 
 
@@ -179,14 +189,14 @@ def test_unlimited_budget_equals_dynamic_cache_in_generate(arch: str, policy: st
     model = tiny_model(arch)
     prompt = ids(7)
     ref = model.generate(
-        prompt, max_new_tokens=16, do_sample=False, cache=DynamicCache(config=model.config),
+        prompt, max_new_tokens=16, do_sample=False, **kv(DynamicCache(config=model.config)),
         output_logits=True, return_dict_in_generate=True,
     )
     extra = {"separator_ids": [1, 2, 3]} if policy == "separators" else {}
     budget = None if policy == "full" else 64
     cache = BudgetCache(model, budget=budget, policy=policy, **extra)
     out = model.generate(
-        prompt, max_new_tokens=16, do_sample=False, cache=cache, output_logits=True, return_dict_in_generate=True
+        prompt, max_new_tokens=16, do_sample=False, **kv(cache), output_logits=True, return_dict_in_generate=True
     )
     assert torch.equal(out.sequences, ref.sequences)
     for a, b in zip(out.logits, ref.logits):
@@ -197,11 +207,12 @@ def test_unlimited_budget_equals_dynamic_cache_in_generate(arch: str, policy: st
 def test_beam_search_reorders_the_extra_state() -> None:
     model = tiny_model()
     prompt = ids(6)
-    ref = model.generate(prompt, max_new_tokens=8, num_beams=3, do_sample=False, cache=DynamicCache(config=model.config))
-    out = model.generate(prompt, max_new_tokens=8, num_beams=3, do_sample=False, cache=BudgetCache(model, 64, "milestone"))
+    beams = dict(max_new_tokens=8, num_beams=3, do_sample=False)
+    ref = model.generate(prompt, **beams, **kv(DynamicCache(config=model.config)))
+    out = model.generate(prompt, **beams, **kv(BudgetCache(model, 64, "milestone")))
     assert torch.equal(out, ref)
     small = BudgetCache(model, 12, "milestone", n_sink=2, window=4)
-    model.generate(prompt, max_new_tokens=16, num_beams=3, do_sample=False, cache=small)
+    model.generate(prompt, max_new_tokens=16, num_beams=3, do_sample=False, **kv(small))
     positions = small.layers[0].positions
     assert positions.shape == (3, 12) and bool((positions.diff(dim=1) > 0).all())
     assert positions[:, :6].tolist() == [list(range(6))] * 3  # the protected prompt, in every beam
@@ -225,9 +236,9 @@ def test_evicted_cache_equals_full_attention_with_the_same_mask(attn: str, chunk
     model = tiny_model("llama", attn)
     seq, prompt, budget, n_sink = ids(40), 6, 12, 2
     cache = BudgetCache(model, budget=budget, policy="sink_window", n_sink=n_sink, window=0)
-    logits = [model(seq[:, :prompt], cache=cache).logits]
+    logits = [model(seq[:, :prompt], **kv(cache)).logits]
     for t in range(prompt, seq.shape[1], chunk):
-        logits.append(model(seq[:, t : t + chunk], cache=cache).logits)
+        logits.append(model(seq[:, t : t + chunk], **kv(cache)).logits)
     got = torch.cat(logits, dim=1)
     mask = streaming_mask(seq.shape[1], prompt, budget, n_sink, chunk)
     if attn == "eager":
@@ -237,11 +248,11 @@ def test_evicted_cache_equals_full_attention_with_the_same_mask(attn: str, chunk
     assert cache.layers[0].stored_length == budget and cache.get_seq_length() == seq.shape[1]
     # negative control: numbering new tokens by the STORED length (a naive cache) gives other logits
     naive = BudgetCache(model, budget=budget, policy="sink_window", n_sink=n_sink, window=0)
-    model(seq[:, :prompt], cache=naive)
+    model(seq[:, :prompt], **kv(naive))
     for t in range(prompt, seq.shape[1], chunk):
         x = seq[:, t : t + chunk]
-        compressed = naive.get_query_offset(0) + torch.arange(x.shape[1])[None]
-        last = model(x, cache=naive, position_ids=compressed).logits
+        compressed = naive.layers[0].stored_length + torch.arange(x.shape[1])[None]
+        last = model(x, **kv(naive), position_ids=compressed).logits
     assert not torch.allclose(last, got[:, -last.shape[1] :], atol=1e-3)
 
 
@@ -252,12 +263,12 @@ def test_new_token_rope_position_is_absolute_after_eviction() -> None:
         lambda m, args, kwargs: seen.append(kwargs["position_ids"].clone()), with_kwargs=True
     )
     cache = BudgetCache(model, budget=16, policy="milestone", n_sink=2, window=4)
-    model.generate(ids(5), max_new_tokens=40, do_sample=False, cache=cache)
+    model.generate(ids(5), max_new_tokens=40, do_sample=False, **kv(cache))
     handle.remove()
     assert cache.layers[0].stored_length == 16 and cache.get_seq_length() == 5 + 39
     assert seen[0].tolist() == [[0, 1, 2, 3, 4]]
     assert [int(p[0, -1]) for p in seen[1:]] == list(range(5, 44))
-    assert cache.get_query_offset(0) == 16 and cache.get_mask_sizes(1, 0) == (17, 0)
+    assert cache.get_mask_sizes(1, 0) == (17, 44 - 16)
 
 
 def test_milestone_refresh_matches_eager_attention_weights() -> None:
@@ -267,8 +278,8 @@ def test_milestone_refresh_matches_eager_attention_weights() -> None:
     cache = BudgetCache(
         model, budget=100, policy="milestone", n_sink=1, window=1, top_fraction=0.25, protect_prompt=False
     )
-    model(seq[:, :12], cache=cache)
-    out = model(seq[:, 12:], cache=cache, output_attentions=True)
+    model(seq[:, :12], **kv(cache))
+    out = model(seq[:, 12:], **kv(cache), output_attentions=True)
     for layer_idx, weights in enumerate(out.attentions):  # [1, H, 1, 13]
         score = weights[0, :, 0].mean(0)
         top = set(score.topk(4).indices.tolist())  # ceil(0.25 * 13) = 4
@@ -285,9 +296,9 @@ def test_batch_rows_evict_independently() -> None:
     ]
     outs = []
     for cache, rows in zip(caches, (seq, seq[:1], seq[1:])):
-        logits = [model(rows[:, :4], cache=cache).logits]
+        logits = [model(rows[:, :4], **kv(cache)).logits]
         for t in range(4, rows.shape[1]):
-            logits.append(model(rows[:, t : t + 1], cache=cache).logits)
+            logits.append(model(rows[:, t : t + 1], **kv(cache)).logits)
         outs.append(torch.cat(logits, 1))
     torch.testing.assert_close(outs[0], torch.cat(outs[1:], 0), rtol=1e-4, atol=1e-5)
     for layer_idx in range(2):
@@ -303,15 +314,15 @@ def test_padded_batch_raises_clearly() -> None:
     mask = torch.ones(2, 6, dtype=torch.long)
     mask[1, :2] = 0
     with pytest.raises(ValueError, match="padded batches"):
-        model.generate(ids(6, batch=2), attention_mask=mask, max_new_tokens=3, do_sample=False, cache=cache)
+        model.generate(ids(6, batch=2), attention_mask=mask, max_new_tokens=3, do_sample=False, **kv(cache))
 
 
 def test_hooks_required_attached_and_removable() -> None:
     model = tiny_model()
     cache = BudgetCache(model.config, budget=16, policy="milestone", n_sink=2, window=2)
-    model(ids(4), cache=cache)
+    model(ids(4), **kv(cache))
     with pytest.raises(RuntimeError, match="attach"):
-        model(ids(1), cache=cache)
+        model(ids(1), **kv(cache))
     attn = model.model.layers[0].self_attn
     before = (len(model._forward_pre_hooks), len(attn._forward_pre_hooks), len(attn.q_proj._forward_hooks))
     with BudgetCache(model, budget=16, policy="milestone", n_sink=2, window=2) as other:
@@ -320,7 +331,7 @@ def test_hooks_required_attached_and_removable() -> None:
     assert (len(model._forward_pre_hooks), len(attn._forward_pre_hooks), len(attn.q_proj._forward_hooks)) == before
     seps = BudgetCache(model.config, budget=16, policy="separators", separator_ids=[1], n_sink=2, window=2)
     with pytest.raises(RuntimeError, match="token ids"):
-        model(ids(4), cache=seps)
+        model(ids(4), **kv(seps))
 
 
 def test_separator_ids_from_tokenizer() -> None:
@@ -346,13 +357,109 @@ def test_composes_with_orthorank_patch() -> None:
     orthorank.patch(model, layers=[1])
     try:
         prompt = ids(12)
-        ref = model.generate(prompt, max_new_tokens=12, do_sample=False, cache=DynamicCache(config=model.config))
+        ref = model.generate(prompt, max_new_tokens=12, do_sample=False, **kv(DynamicCache(config=model.config)))
         cache = BudgetCache(model, budget=64, policy="milestone", n_sink=2, window=4)
-        out = model.generate(prompt, max_new_tokens=12, do_sample=False, cache=cache)
+        out = model.generate(prompt, max_new_tokens=12, do_sample=False, **kv(cache))
         assert torch.equal(out, ref)
         small = BudgetCache(model, budget=16, policy="milestone", n_sink=2, window=4)
-        model.generate(prompt, max_new_tokens=20, do_sample=False, cache=small)
+        model.generate(prompt, max_new_tokens=20, do_sample=False, **kv(small))
         stats = small.stats()
         assert stats["stored"] == 16 and stats["seen"] == 31 and stats["unscored_updates"] == 0
     finally:
         orthorank.unpatch(model)
+
+
+# ------------------------------------------------------------------------------------- attention (TOVA) policy
+def test_attention_layer_evicts_the_least_attended_down_to_the_headroom() -> None:
+    layer = _layer("attention", 6, n_sink=1, window=1, headroom=2)
+    keys = one_hot_keys(12)
+    layer.update(keys[:, :, :6], keys[:, :, :6].clone())
+    assert not layer.needs_query(0) and layer.needs_query(1)  # 6 stored + 1 new > 6
+    q = torch.zeros(1, 1, 1, 8)
+    q[..., 2] = q[..., 3] = 10.0  # the query at position 6 attends to keys 2 and 3
+    _decode(layer, keys[:, :, 6:7], q)
+    # 7 > 6: evict down to 6 - 2 = 4; sink {0} and window {6} stay; 1, 4, 5 are the least attended
+    assert layer.positions.tolist() == [[0, 2, 3, 6]] and layer.evicted == 3
+    for t in (7, 8):  # back under the budget: no eviction, no query needed
+        assert not layer.needs_query(1)
+        _decode(layer, keys[:, :, t : t + 1])
+    assert layer.positions.tolist() == [[0, 2, 3, 6, 7, 8]] and layer.unscored_updates == 0
+    _decode(layer, keys[:, :, 9:10])  # evicting without a query: oldest first, counted as unscored
+    assert layer.positions.tolist() == [[0, 7, 8, 9]] and layer.unscored_updates == 1
+
+
+def test_headroom_and_budget_validation() -> None:
+    with pytest.raises(ValueError, match="headroom"):
+        BudgetConfig(policy="attention", budget=40, n_sink=4, window=32, headroom=8)
+    with pytest.raises(ValueError, match="headroom"):
+        BudgetConfig(policy="attention", budget=64, headroom=-1)
+    assert eviction_count(stored=11, budget=10, n_protected=2, page_size=1, headroom=3) == 4
+    assert eviction_count(stored=10, budget=10, n_protected=2, page_size=1, headroom=3) == 0
+
+
+@pytest.mark.parametrize("headroom", [0, 3])
+def test_attention_policy_evicts_by_the_models_own_attention_weights(headroom: int) -> None:
+    """The evicted tokens are the least attended (mean over heads) by the step's query, per layer."""
+    model = tiny_model("llama", "eager")
+    seq = ids(13)
+    cache = BudgetCache(model, budget=12, policy="attention", n_sink=1, window=2, headroom=headroom)
+    model(seq[:, :12], **kv(cache))
+    out = model(seq[:, 12:], **kv(cache), output_attentions=True)
+    for layer_idx, weights in enumerate(out.attentions):  # [1, H, 1, 13]
+        score = weights[0, :, 0].mean(0)[1:11]  # candidates: not the sink (0), not the window (11, 12)
+        evicted = set((score.argsort()[: 1 + headroom] + 1).tolist())
+        kept = set(cache.layers[layer_idx].positions[0].tolist())
+        assert kept == set(range(13)) - evicted and len(kept) == 12 - headroom
+
+
+def test_two_caches_on_one_model_are_independent() -> None:
+    """Caches attached to the same model and stepped alternately equal each one run alone."""
+    model = tiny_model()
+    seq = ids(40)
+    configs = [dict(policy="milestone", protect_prompt=False), dict(policy="attention", headroom=2)]
+
+    def decode(caches: list[BudgetCache]) -> list[torch.Tensor]:
+        outs = [[model(seq[:, :4], **kv(c)).logits] for c in caches]
+        for t in range(4, seq.shape[1]):
+            for c, out in zip(caches, outs):
+                out.append(model(seq[:, t : t + 1], **kv(c)).logits)
+        return [torch.cat(o, 1) for o in outs]
+
+    alone = [decode([BudgetCache(model, budget=12, n_sink=1, window=2, **cfg)])[0] for cfg in configs]
+    together = [BudgetCache(model, budget=12, n_sink=1, window=2, **cfg) for cfg in configs]
+    for got, want in zip(decode(together), alone):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+    assert [c.stats()["unscored_updates"] for c in together] == [0, 0]
+    assert not torch.equal(together[0].layers[0].positions, together[1].layers[0].positions)
+
+
+def test_sink_window_with_headroom_equals_kvpress_streaming_decoding_press() -> None:
+    """The benchmark's protocol against kvpress: same peak, same schedule, same logits.
+
+    One compression only (at step 16, position 23; the text ends before the next): kvpress keeps the
+    tokens in ``topk`` order, which scrambles the storage order on ties, and StreamingLLMPress then
+    prunes by storage index, so later compressions no longer drop the oldest tokens.
+    """
+    kvpress = pytest.importorskip("kvpress")
+    model = tiny_model()
+    seq, prompt, budget, interval = ids(27), 8, 24, 4  # (budget - prompt) % interval == 0: same schedule
+    press = kvpress.DecodingPress(
+        base_press=kvpress.StreamingLLMPress(n_sink=2), compression_interval=interval, target_size=budget - interval
+    )
+    ours = BudgetCache(model, budget=budget - 1, policy="sink_window", n_sink=2, window=0, headroom=interval - 1)
+    theirs = DynamicCache()
+
+    def decode(cache: object) -> torch.Tensor:
+        out = [model(seq[:, :prompt], **kv(cache)).logits]
+        for t in range(prompt, seq.shape[1]):
+            extra = {"cache_position": torch.tensor([t])} if CACHE_KW == "past_key_values" else {}
+            out.append(model(seq[:, t : t + 1], **kv(cache), position_ids=torch.tensor([[t]]), **extra).logits)
+        return torch.cat(out, 1)
+
+    with press(model):
+        theirs_logits = decode(theirs)
+    ours_logits = decode(ours)
+    logits = {"ours": ours_logits, "kvpress": theirs_logits}
+    torch.testing.assert_close(logits["ours"], logits["kvpress"], rtol=1e-5, atol=1e-5)
+    assert ours.layers[0].stored_length == theirs.layers[0].keys.shape[-2] == budget - 1  # 20 after step 16, + 3
+    assert ours.layers[0].evicted == interval

@@ -1,7 +1,8 @@
 """Bounded-memory decoding: a KV cache that keeps at most ``budget`` tokens per layer.
 
 ``BudgetCache`` plugs into stock ``generate()`` (also on an OrthoRank-patched model) with one of the
-policies ``milestone`` (reasoning-aware timestamps), ``sink_window`` (attention sink + recent
+policies ``milestone`` (reasoning-aware timestamps), ``attention`` (TOVA: the newest query's
+attention), ``sink_window`` (attention sink + recent
 window), ``separators`` (sink + punctuation/newline tokens + recent window) or ``full`` (control).
 """
 

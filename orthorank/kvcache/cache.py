@@ -4,10 +4,13 @@ Works with stock ``model.generate(..., past_key_values=cache)`` (or ``cache=cach
 plain ``model(input_ids, cache=cache)`` loop. Design decisions:
 
 * Positions stay absolute. ``get_seq_length()`` returns the number of tokens seen, so the model
-  places new tokens (RoPE) at their true positions; ``get_query_offset`` and ``get_mask_sizes``
-  return the stored count, so the causal mask matches the stored keys. Cached keys carry RoPE of
+  places new tokens (RoPE) at their true positions and numbers the queries of the mask with them;
+  ``get_mask_sizes`` returns the stored count plus the new tokens, at offset ``seen - stored``, so the
+  causal mask matches the stored keys (on every release: the mask takes the query positions from
+  ``cache_position`` up to 5.3 and from ``get_seq_length`` / ``get_query_offset`` after). Cached keys carry RoPE of
   their own absolute positions already.
-* ``milestone`` scores come from the real query of the step: the cache registers, on the model
+* ``milestone`` and ``attention`` scores come from the real query of the step (``attention`` only
+  reads it in the steps that evict): the cache registers, on the model
   instance only, a forward pre-hook on each attention module (RoPE ``cos``/``sin`` and scale) and a
   forward hook on its ``q_proj`` (the projected query). In ``update`` it applies RoPE to that query
   and recomputes the softmax over the stored keys, so it works with every attention kernel (sdpa,
@@ -32,7 +35,7 @@ from transformers import PretrainedConfig
 from transformers.cache_utils import Cache
 
 from .layer import BudgetLayer
-from .policies import BudgetConfig, separator_ids as tokenizer_separator_ids
+from .policies import QUERY_POLICIES, BudgetConfig, separator_ids as tokenizer_separator_ids
 
 logger = logging.getLogger(__name__)
 
@@ -63,14 +66,15 @@ class BudgetCache(Cache):
     """A KV cache that never stores more than ``budget`` tokens per layer between forward passes.
 
     Args:
-        model_or_config: the model (hooks are attached at once, needed by ``milestone`` and
-            ``separators``) or its config (call :meth:`attach` later if the policy needs it).
+        model_or_config: the model (hooks are attached at once, needed by ``milestone``,
+            ``attention`` and ``separators``) or its config (call :meth:`attach` later if the policy needs it).
         budget: most stored tokens per layer; ``None`` with ``policy="full"``.
-        policy: one of ``"milestone"``, ``"sink_window"``, ``"separators"``, ``"full"``.
+        policy: one of ``"milestone"``, ``"attention"``, ``"sink_window"``, ``"separators"``, ``"full"``.
         tokenizer: for ``separators``: its punctuation/newline tokens are the separators.
         separator_ids: for ``separators``: explicit token ids instead of ``tokenizer``.
         **params: other :class:`~orthorank.kvcache.policies.BudgetConfig` fields
-            (``n_sink``, ``window``, ``top_fraction``, ``head_reduce``, ``page_size``, ``protect_prompt``).
+            (``n_sink``, ``window``, ``top_fraction``, ``head_reduce``, ``page_size``, ``protect_prompt``,
+            ``headroom``).
 
     Example::
 
@@ -131,7 +135,7 @@ class BudgetCache(Cache):
             self.detach()
         ref = weakref.ref(self)
         self._hooks.append(model.register_forward_pre_hook(_model_pre_hook(ref), with_kwargs=True))
-        if self.budget_config.policy == "milestone":
+        if self.budget_config.policy in QUERY_POLICIES:
             found = 0
             for module in model.modules():
                 if hasattr(module, "q_proj") and isinstance(getattr(module, "layer_idx", None), int):
@@ -140,7 +144,10 @@ class BudgetCache(Cache):
                     found += 1
             if found == 0:
                 self.detach()
-                raise ValueError("no attention module with q_proj and layer_idx found; 'milestone' cannot see queries")
+                raise ValueError(
+                    f"no attention module with q_proj and layer_idx found; "
+                    f"{self.budget_config.policy!r} cannot see queries"
+                )
         return self
 
     def detach(self) -> None:
@@ -197,7 +204,7 @@ class BudgetCache(Cache):
             return None, None
         query = raw.view(bsz, t_new, -1, dim).transpose(1, 2)
         cos, sin = slot.cos.unsqueeze(1), slot.sin.unsqueeze(1)
-        return query * cos + _rotate_half(query) * sin, slot.scaling
+        return torch.addcmul(query * cos, _rotate_half(query), sin), slot.scaling
 
     # ----------------------------------------------------------------------------------- Cache API
     def update(
@@ -207,16 +214,20 @@ class BudgetCache(Cache):
         layer = self.layers[layer_idx]
         policy = self.budget_config.policy
         query, scaling, separators = None, None, None
-        if policy == "milestone" and self.budget_config.evicts:
-            query, scaling = self._take_query(layer_idx, key_states)
-            if query is None and layer.stored_length > 0:
+        if policy in QUERY_POLICIES and self.budget_config.evicts:
+            needs = layer.needs_query(key_states.shape[-2])
+            if needs:
+                query, scaling = self._take_query(layer_idx, key_states)
+            else:
+                self._slots.pop(layer_idx, None)
+            if query is None and needs:
                 if not self.attached:
                     raise RuntimeError(
-                        "policy='milestone' needs the queries: create BudgetCache(model, ...) "
+                        f"policy={policy!r} needs the queries: create BudgetCache(model, ...) "
                         "or call cache.attach(model)"
                     )
                 if layer.unscored_updates == 0:
-                    logger.warning("layer %d: no query captured for this step; timestamps not refreshed", layer_idx)
+                    logger.warning("layer %d: no query captured for this step; scored by position instead", layer_idx)
         elif policy == "separators":
             separators = self._step_separators
             if separators is None or separators.shape != key_states.shape[:1] + key_states.shape[2:3]:
@@ -225,12 +236,6 @@ class BudgetCache(Cache):
                     "cache.attach(model), and pass input_ids (not inputs_embeds)"
                 )
         return layer.update(key_states, value_states, query=query, scaling=scaling, separators=separators)
-
-    def get_query_offset(self, layer_idx: int = 0) -> int:
-        """Index of the first new query among the keys of the mask: the STORED length."""
-        if layer_idx >= len(self.layers):
-            return 0
-        return self.layers[layer_idx].stored_length
 
     def reset(self) -> None:
         super().reset()

@@ -8,7 +8,18 @@ from typing import Callable
 import torch
 from transformers.cache_utils import CacheLayerMixin
 
-from .policies import SEPARATOR_BONUS, BudgetConfig, attention_hits, eviction_count, page_priority, select_keep
+from ..compat import mask_query_length
+
+from .policies import (
+    SEPARATOR_BONUS,
+    BudgetConfig,
+    attention_hits,
+    attention_scores,
+    eviction_count,
+    page_priority,
+    select_keep,
+    top_keys,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -84,8 +95,9 @@ class BudgetLayer(CacheLayerMixin):
         Args:
             key_states: ``[B, H_kv, T, D]`` new keys (after RoPE).
             value_states: ``[B, H_kv, T, D]`` new values.
-            query: ``[B, H_q, T, D]`` post-RoPE queries of the new tokens (``milestone``); ``None``
-                leaves old timestamps unrefreshed for this step.
+            query: ``[B, H_q, T, D]`` post-RoPE queries of the new tokens (``milestone``; ``attention``
+                when this step evicts); ``None`` leaves old timestamps unrefreshed for this step
+                (``attention``: evicts the oldest instead).
             scaling: softmax scale of the attention module (with ``query``).
             separators: ``[B, T]`` bool, which new tokens are separators (``separators``).
 
@@ -121,25 +133,33 @@ class BudgetLayer(CacheLayerMixin):
                 self.unscored_updates += 1
             else:
                 with torch.no_grad():
-                    hits = attention_hits(query, keys, scaling, cfg.top_fraction, cfg.head_reduce)  # [B, T, S+T]
                     if t_new == 1:  # the query's position exceeds every timestamp: just overwrite
-                        priorities = torch.where(hits[:, 0], new_pos, priorities)
+                        priorities.scatter_(1, top_keys(query, keys, scaling, cfg.top_fraction, cfg.head_reduce), start)
                     else:
+                        hits = attention_hits(query, keys, scaling, cfg.top_fraction, cfg.head_reduce)  # [B, T, S+T]
                         stamp = torch.where(hits, new_pos[:, :, None], -1).amax(dim=1)  # [B, S+T]
                         priorities = torch.maximum(priorities, stamp)
 
         self.keys, self.values, self.positions, self.priorities = keys, values, positions, priorities
-        if cfg.evicts:
-            self._evict()
+        if cfg.evicts and self.stored_length > cfg.budget:
+            scores = None
+            if cfg.policy == "attention":
+                if query is None:
+                    self.unscored_updates += 1
+                else:
+                    with torch.no_grad():
+                        scores = attention_scores(query, keys, scaling, cfg.head_reduce)  # [B, S+T]
+            self._evict(scores)
         return keys, values
 
     def _check_prompt(self, prompt_length: int) -> None:
         cfg = self.config
         if cfg.policy == "milestone" and cfg.protect_prompt and cfg.evicts:
-            if prompt_length + cfg.window > cfg.budget:
+            if prompt_length + cfg.window > cfg.budget - cfg.headroom:
                 raise ValueError(
-                    f"budget={cfg.budget} cannot hold the protected prompt ({prompt_length} tokens) plus the "
-                    f"recent window ({cfg.window}); raise the budget or use protect_prompt=False"
+                    f"budget - headroom = {cfg.budget - cfg.headroom} cannot hold the protected prompt "
+                    f"({prompt_length} tokens) plus the recent window ({cfg.window}); raise the budget or use "
+                    "protect_prompt=False"
                 )
 
     def protected_counts(self) -> tuple[int, int]:
@@ -157,18 +177,32 @@ class BudgetLayer(CacheLayerMixin):
         head = min(head, stored)
         return head, min(cfg.window, stored - head)
 
-    def _evict(self) -> None:
+    def needs_query(self, t_new: int) -> bool:
+        """Whether the next update of ``t_new`` tokens uses the query (scoring happens then)."""
+        cfg = self.config
+        if not cfg.evicts:
+            return False
+        if cfg.policy == "milestone":
+            return self.stored_length > 0
+        return cfg.policy == "attention" and self.stored_length + t_new > cfg.budget
+
+    def _evict(self, scores: torch.Tensor | None = None) -> None:
+        """Evict down to ``budget - headroom`` once above ``budget``: lowest ``scores`` (``[B, S]``
+        float, ``attention``) or else lowest priority first, never the protected tokens."""
         cfg = self.config
         stored = self.stored_length
-        if stored <= cfg.budget:
-            return
         head, tail = self.protected_counts()
-        n_evict = eviction_count(stored, cfg.budget, head + tail, cfg.page_size)
+        n_evict = eviction_count(stored, cfg.budget, head + tail, cfg.page_size, cfg.headroom)
         if n_evict <= 0:
             return
-        prio = page_priority(self.priorities, self.positions, cfg.page_size)[:, head : stored - tail]
+        rank = self.priorities if scores is None else scores
+        prio = page_priority(rank, self.positions, cfg.page_size)[:, head : stored - tail]
+        bsz = prio.shape[0]
+        self.evicted += n_evict
+        if n_evict == 1 and bsz == 1:  # the common decode step: drop one token, no sort or gather
+            self._drop(head + int(prio.argmin()))  # argmin: first of equal minima, the oldest (as select_keep)
+            return
         middle = select_keep(prio, n_evict) + head  # [B, M - n_evict]
-        bsz = middle.shape[0]
         index = torch.cat(
             [
                 torch.arange(head, device=self.device).expand(bsz, head),
@@ -178,7 +212,13 @@ class BudgetLayer(CacheLayerMixin):
             dim=1,
         )
         self._gather(index)
-        self.evicted += n_evict
+
+    def _drop(self, i: int) -> None:
+        """Remove stored token ``i`` (batch size 1)."""
+        self.keys = torch.cat([self.keys[:, :, :i], self.keys[:, :, i + 1 :]], dim=2)
+        self.values = torch.cat([self.values[:, :, :i], self.values[:, :, i + 1 :]], dim=2)
+        self.positions = torch.cat([self.positions[:, :i], self.positions[:, i + 1 :]], dim=1)
+        self.priorities = torch.cat([self.priorities[:, :i], self.priorities[:, i + 1 :]], dim=1)
 
     def _gather(self, index: torch.Tensor) -> None:
         """Keep the stored tokens at ``index`` (``[B, S']`` long) in every row."""
@@ -187,9 +227,15 @@ class BudgetLayer(CacheLayerMixin):
         self.positions = self.positions.gather(1, index)
         self.priorities = self.priorities.gather(1, index)
 
-    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
-        """``(kv_length, kv_offset)`` for the mask: the stored tokens plus the new queries."""
-        return self.stored_length + query_length, 0
+    def get_mask_sizes(self, query_length: int | torch.Tensor) -> tuple[int, int]:
+        """``(kv_length, kv_offset)`` for the mask: the stored tokens plus the new queries.
+
+        The queries keep their absolute positions (``get_seq_length`` onwards), so the keys are
+        numbered as if the stored ones were the tokens just before them: offset ``seen - stored``.
+        ``query_length`` is the query count (or ``cache_position`` on releases before 5.4).
+        """
+        stored = self.stored_length
+        return stored + mask_query_length(query_length), self.cumulative_length - stored
 
     def get_seq_length(self) -> int:
         """Absolute number of tokens seen (not the stored count), used to place new positions."""
@@ -197,6 +243,10 @@ class BudgetLayer(CacheLayerMixin):
 
     def get_max_length(self) -> int:
         return -1 if self.config.budget is None or not self.config.evicts else self.config.budget
+
+    def get_max_cache_shape(self) -> int:
+        """The name of :meth:`get_max_length` before transformers 5.24 (abstract there)."""
+        return self.get_max_length()
 
     def reset(self) -> None:
         self.keys = self.values = self.positions = self.priorities = None
