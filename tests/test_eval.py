@@ -223,8 +223,9 @@ def test_cli_writes_results_and_plan_from_any_directory(task_dir: Path, tmp_path
     assert set(result["results"]) == set(TASKS) and result["n-samples"]["tiny_mc"]["effective"] == 5
     assert 0.0 <= result["results"]["tiny_mc"]["acc,none"] <= 1.0
     assert math.isfinite(result["results"]["tiny_ppl"]["word_perplexity,none"])
-    expected = orthorank.default_plan(6, 0.2, model_type="llama").to_dict()
-    assert result["plan"] == json.loads(json.dumps(expected))
+    # no shipped plan fits a random tiny model: patch(sparsity=0.2) calibrated it on its own text
+    plan = orthorank.Plan.from_dict(result["plan"])
+    assert plan.meta["source"] == "self-generated" and abs(plan.sparsity - 0.2) < 1 / 18 and plan.selection_layers
     assert result["orthorank"]["batch_size"] == 8 and result["orthorank"]["threads"] == 1
 
 
