@@ -243,9 +243,9 @@ def prefill_layer_kwargs(config: Any, inputs_embeds: torch.Tensor, position_ids:
     }
     extra: dict[str, Any] = {}
     if "cache_position" in params:
-        extra["cache_position"] = kwargs["cache_position"] = torch.arange(
-            inputs_embeds.shape[1], device=inputs_embeds.device
-        )
+        kwargs["cache_position"] = torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device)
+        if CACHE_UPDATE == "cache_kwargs":  # the layers read it too (5.4 on: only the mask function)
+            extra["cache_position"] = kwargs["cache_position"]
     return {"attention_mask": function(**kwargs), **extra}
 
 
