@@ -7,6 +7,7 @@ accelerate's hooks), how keys/values are written to a cache and which attention 
 
 from __future__ import annotations
 
+import inspect
 import logging
 import sys
 import warnings
@@ -41,6 +42,28 @@ def check_transformers_version(version: str) -> None:
             f"orthorank is tested with transformers{SUPPORTED_TRANSFORMERS}, found {version}; "
             "patched models may fail or differ from the dense model",
             stacklevel=3,
+        )
+
+
+#: Features that need a newer release than the oldest supported one: feature -> (release, why).
+NEEDS_RELEASE: dict[str, tuple[str, str]] = {
+    "building the embedded model from its GGUF file": (
+        "5.6.0",
+        "older releases convert the GGUF tokenizer into a CodeLlama tokenizer that prepends a BOS token "
+        "and adds 5 tokens SmolLM2 does not have (the weights are identical)",
+    ),
+}
+
+
+def require_release(feature: str, version: str | None = None) -> None:
+    """Refuse ``feature`` (a key of :data:`NEEDS_RELEASE`) on an older transformers release, with
+    an ``ImportError`` naming the release it needs; ``version`` defaults to the installed one."""
+    minimum, why = NEEDS_RELEASE[feature]
+    version = TRANSFORMERS_VERSION if version is None else version
+    if Version(version) < Version(minimum):
+        raise ImportError(
+            f"orthorank: {feature} needs transformers>={minimum}, found {version} ({why}). "
+            f"Upgrade with: pip install 'transformers>={minimum},<6'"
         )
 
 
@@ -248,6 +271,43 @@ def past_length(cache: Any) -> int:
         return 0
     n = cache.get_seq_length()
     return int(n)
+
+
+def prefill_layer_kwargs(config: Any, inputs_embeds: torch.Tensor, position_ids: torch.Tensor) -> dict[str, Any]:
+    """The mask (and, up to 5.3, ``cache_position``) a base model hands its decoder layers for a
+    pass over ``inputs_embeds`` ``[batch, seq, hidden]`` that starts the sequence, without padding
+    or cache. The mask function's keywords changed across releases (``input_embeds`` in 5.0/5.1,
+    ``inputs_embeds`` later; ``cache_position`` + ``past_key_values`` up to 5.3, ``cache`` later).
+    """
+    from transformers import masking_utils
+
+    if getattr(config, "sliding_window", None) is not None:
+        function = masking_utils.create_sliding_window_causal_mask
+    else:
+        function = masking_utils.create_causal_mask
+    params = inspect.signature(function).parameters
+    embeds_name = "inputs_embeds" if "inputs_embeds" in params else "input_embeds"
+    cache_name = "cache" if "cache" in params else "past_key_values"
+    kwargs: dict[str, Any] = {
+        "config": config, embeds_name: inputs_embeds, "attention_mask": None, "position_ids": position_ids,
+        cache_name: None,
+    }
+    extra: dict[str, Any] = {}
+    if "cache_position" in params:
+        kwargs["cache_position"] = torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device)
+        if CACHE_UPDATE == "cache_kwargs":  # the layers read it too (5.4 on: only the mask function)
+            extra["cache_position"] = kwargs["cache_position"]
+    return {"attention_mask": function(**kwargs), **extra}
+
+
+def gguf_dequantize_kwargs() -> dict[str, Any]:
+    """``from_pretrained`` keywords that load a GGUF file as dequantized float weights.
+
+    Releases with ``GgufConfig`` (5.17 on) need ``quantization_config=GgufConfig(dequantize=True)``;
+    older ones always dequantize GGUF files on load and have no such keyword.
+    """
+    gguf_config = getattr(transformers, "GgufConfig", None)
+    return {} if gguf_config is None else {"quantization_config": gguf_config(dequantize=True)}
 
 
 # --- attention internals ---------------------------------------------------------------------

