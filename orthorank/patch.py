@@ -176,6 +176,7 @@ def patch(
 
     report_quality(new_plan, warn=max_ppl_increase is None, stacklevel=2)
     _install(model, new_plan, options, spec)
+    logger.info("orthorank: %s", new_plan)
     return model
 
 
@@ -210,7 +211,6 @@ def _install(model: nn.Module, new_plan: Plan, options: PatchOptions, spec: comp
                 handle.relays[i] = relay
         handle.hook = base.register_forward_pre_hook(_state_hook, with_kwargs=True)
     setattr(base, _HANDLE, handle)
-    logger.info("orthorank: %s", new_plan)
 
 
 def _state_hook(
@@ -284,6 +284,24 @@ def patched(model: nn.Module, sparsity: float | None = None, **kwargs: Any) -> I
     try:
         yield model
     finally:
-        unpatch(model)
-        if previous is not None:
-            _install(model, previous.plan, previous.options, compat.arch_spec(model))
+        _restore(model, previous)
+
+
+@contextlib.contextmanager
+def plan_installed(model: nn.Module, plan: Plan) -> Iterator[nn.Module]:
+    """``patched(model, plan=plan)`` for tools that evaluate many plans (calibration, tables):
+    the plan is installed with the default options and nothing is logged or warned."""
+    previous = _handle(model)
+    plan.check_model(len(compat.decoder_layers(model)), compat.unwrap(model).config.model_type)
+    _install(model, plan, PatchOptions(), compat.arch_spec(model))
+    try:
+        yield model
+    finally:
+        _restore(model, previous)
+
+
+def _restore(model: nn.Module, previous: PatchHandle | None) -> None:
+    """Put back what ``model`` had before: dense, or the patch ``previous``."""
+    unpatch(model)
+    if previous is not None:
+        _install(model, previous.plan, previous.options, compat.arch_spec(model))

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from . import compat
-from .patch import forward_context, patched
+from .patch import forward_context, plan_installed
 from .layer import ForwardState
 from .metrics import check_batch_size, check_ids, head_nll
 from .plan import Plan
@@ -88,7 +88,7 @@ class LossRunner:
         self._check(plan)
         out = Recording(plan=plan, loss=0.0)
         total = 0.0
-        with patched(self.model, plan=plan):
+        with plan_installed(self.model, plan):
             context = forward_context(self.model)
             for c, chunk in enumerate(self._chunks):
                 kwargs = self._kwargs[c]

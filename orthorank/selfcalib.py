@@ -26,7 +26,7 @@ from . import compat
 from .calibration import SearchConfig, search_plan
 from .config import check_choice, check_fraction, SELECTORS
 from .metrics import check_batch_size
-from .patch import patched
+from .patch import plan_installed
 from .plan import Plan
 from .runner import LossRunner
 
@@ -188,7 +188,7 @@ def self_generated_ids(
     start = start_token(model)
     dense = Plan((1.0,) * len(compat.decoder_layers(model)))
     chunks = []
-    with patched(model, plan=dense), tqdm(
+    with plan_installed(model, dense), tqdm(
         total=n_windows * (window - 1), desc="orthorank: generating calibration text", unit="tok", disable=not progress
     ) as bar:
         for first in range(0, n_windows, batch_size):

@@ -76,15 +76,22 @@ def test_every_row_of_a_random_batch_equals_the_row_alone(arch: str, attn: str) 
     assert differs > 0  # and the selection changed results (the comparison can fail)
 
 
+def _fresh_cache(model: torch.nn.Module) -> dict[str, DynamicCache]:
+    """An explicit empty cache for ``generate`` (releases before 5.4 refuse chunked prefill without
+    one), under the keyword the installed release's forward takes."""
+    name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    return {name: DynamicCache(config=model.config)}
+
+
 @pytest.mark.parametrize("arch", ["llama", "qwen3"])
 def test_chunked_prefill_rows_of_an_unpadded_batch_equal_the_rows_alone(arch: str) -> None:
     model = orthorank.patch(tiny_model(arch), layers=LAYERS, keep_ratio=KEEP)
     ids = torch.randint(3, VOCAB, (3, 19), generator=torch.Generator().manual_seed(5))
     kwargs = dict(max_new_tokens=4, do_sample=False, pad_token_id=0, prefill_chunk_size=8,
                   output_logits=True, return_dict_in_generate=True)
-    both = model.generate(ids, **kwargs)
+    both = model.generate(ids, **kwargs, **_fresh_cache(model))
     for row in range(ids.shape[0]):
-        alone = model.generate(ids[row : row + 1], **kwargs)
+        alone = model.generate(ids[row : row + 1], **kwargs, **_fresh_cache(model))
         assert torch.equal(both.sequences[row], alone.sequences[0])
         for a, b in zip(both.logits, alone.logits):
             torch.testing.assert_close(a[row], b[0], atol=ATOL, rtol=RTOL)
@@ -103,7 +110,8 @@ def test_chunked_prefill_is_first_chunk_patched_then_dense(lengths: list[int]) -
         mask[row, seq - n :] = 1
     ids[mask == 0] = 0
     out = model.generate(ids, attention_mask=mask, max_new_tokens=1, do_sample=False, pad_token_id=0,
-                         prefill_chunk_size=chunk, output_logits=True, return_dict_in_generate=True)
+                         prefill_chunk_size=chunk, output_logits=True, return_dict_in_generate=True,
+                         **_fresh_cache(model))
     plan = orthorank.get_plan(model)
     pos = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)
     cache = DynamicCache(config=model.config)

@@ -19,6 +19,7 @@ from transformers import TextIteratorStreamer
 
 import orthorank
 from orthorank.kvcache import BudgetCache
+from test_kvcache import CACHE_KW
 from orthorank.patch import forward_context
 from conftest import VOCAB, tiny_model, tiny_tokenizer
 
@@ -153,7 +154,7 @@ def budget_generation(model: torch.nn.Module, prompt: torch.Tensor) -> tuple[tor
     """Greedy generation with an evicting ``milestone`` cache (hooked on ``model`` meanwhile): the
     tokens, and what the cache kept (positions and priorities of every layer)."""
     with BudgetCache(model, budget=16, policy="milestone", n_sink=2, window=4) as cache:
-        out = model.generate(prompt, cache=cache, max_new_tokens=24, do_sample=False, pad_token_id=0)
+        out = model.generate(prompt, **{CACHE_KW: cache}, max_new_tokens=24, do_sample=False, pad_token_id=0)
         assert cache.stats()["evicted"] > 0 and cache.stats()["unscored_updates"] == 0
     return (out, *(t for layer in cache.layers for t in (layer.positions, layer.priorities)))
 
