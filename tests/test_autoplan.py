@@ -21,7 +21,7 @@ from orthorank import autoplan, plancache, selfcalib, shipped
 from orthorank.calibration import plan_at_round
 
 from conftest import TINY_RECIPE, tiny_model
-from test_layer import KEEP, _dense_layer, _expected_selection, _inputs, _layer_keys, _run_with_capture
+from test_layer import KEEP, _dense_layer, _inputs, _run_with_capture, assert_layer_property
 
 THIRD = 1 / 3
 
@@ -440,12 +440,4 @@ def test_resolved_plan_keeps_the_selection_layer_property():
     for i, got in captured.items():
         dense_cache = DynamicCache(config=model.config)
         dense = _dense_layer(model, i, got["x"], got["kwargs"], dense_cache)
-        x, out = got["x"], got["out"]
-        if i in plan.selection_layers:
-            selected = _expected_selection(model.model.layers[i].input_layernorm(x), mask.bool())
-            torch.testing.assert_close(out[selected], dense[selected], atol=2e-5, rtol=1e-4)
-            assert torch.equal(out[~selected], x[~selected])
-        else:
-            torch.testing.assert_close(out, dense, atol=0, rtol=0)
-        for ours, theirs in zip(_layer_keys(cache, i), _layer_keys(dense_cache, i)):
-            torch.testing.assert_close(ours, theirs, atol=1e-6, rtol=1e-5)
+        assert_layer_property(model, i, got, dense, cache, dense_cache, plan.selection_layers, mask.bool())

@@ -18,7 +18,7 @@ from transformers import DynamicCache
 import orthorank
 
 from conftest import cache_kwarg, tiny_model
-from test_layer import KEEP, _expected_selection, _layer_keys, _run_with_capture
+from test_layer import KEEP, _layer_keys, _run_with_capture, assert_layer_property
 
 kvpress = pytest.importorskip("kvpress")
 
@@ -73,16 +73,8 @@ def test_prefill_press_compresses_selection_layers_as_dense_ones(name, attn):
 
     real = torch.ones(ids.shape, dtype=torch.bool)
     for i, got in captured.items():  # layer by layer, against the dense layer under the same press
-        x, out = got["x"], got["out"]
-        dense, dense_layer_cache = _dense_layer_under_press(model, i, x, got["kwargs"], press)
-        if i in LAYERS:
-            selected = _expected_selection(model.model.layers[i].input_layernorm(x), real)
-            torch.testing.assert_close(out[selected], dense[selected], atol=2e-5, rtol=1e-4)
-            assert torch.equal(out[~selected], x[~selected])
-        else:
-            torch.testing.assert_close(out, dense, atol=0, rtol=0)
-        for ours, theirs in zip(_layer_keys(cache, i), _layer_keys(dense_layer_cache, i)):
-            torch.testing.assert_close(ours, theirs, atol=1e-6, rtol=1e-5)
+        dense, dense_layer_cache = _dense_layer_under_press(model, i, got["x"], got["kwargs"], press)
+        assert_layer_property(model, i, got, dense, cache, dense_layer_cache, LAYERS, real)
 
 
 def _generate(model, press, prompt, new_tokens=8):

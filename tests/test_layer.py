@@ -6,6 +6,8 @@ most sink-orthogonal ones, and the cache equals what the dense layer writes.
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 import torch
 from torch.nn.functional import cosine_similarity
@@ -105,16 +107,26 @@ def test_selection_layer_is_dense_where_selected(arch, attn, padded, cache_type,
     for i, got in captured.items():
         dense_cache = make()
         dense = _dense_layer(model, i, got["x"], got["kwargs"], dense_cache)
-        x, out = got["x"], got["out"]
-        if i in SELECTION_LAYERS:
-            selected = _expected_selection(model.model.layers[i].input_layernorm(x), real)
-            assert selected.any()
-            torch.testing.assert_close(out[selected], dense[selected], atol=2e-5, rtol=1e-4)
-            assert torch.equal(out[~selected], x[~selected]), "bypassed tokens must leave the layer unchanged"
-        else:
-            torch.testing.assert_close(out, dense, atol=0, rtol=0)
-        for ours, theirs in zip(_layer_keys(cache, i), _layer_keys(dense_cache, i)):
-            torch.testing.assert_close(ours, theirs, atol=1e-6, rtol=1e-5)
+        assert_layer_property(model, i, got, dense, cache, dense_cache, SELECTION_LAYERS, real)
+
+
+def assert_layer_property(
+    model: torch.nn.Module, i: int, got: dict, dense: torch.Tensor, cache: Any, dense_cache: Any,
+    selection_layers: Any, real: torch.Tensor,
+) -> None:
+    """Layer ``i`` of a patched run (``got``: its input ``x`` and output ``out``) against the dense
+    layer's output ``dense`` on the same input: ``out == where(selected, dense, x)`` in a selection
+    layer, ``out == dense`` elsewhere, and the layer's cache equal to the dense layer's."""
+    x, out = got["x"], got["out"]
+    if i in selection_layers:
+        selected = _expected_selection(model.model.layers[i].input_layernorm(x), real)
+        assert selected.any()
+        torch.testing.assert_close(out[selected], dense[selected], atol=2e-5, rtol=1e-4)
+        assert torch.equal(out[~selected], x[~selected]), "bypassed tokens must leave the layer unchanged"
+    else:
+        torch.testing.assert_close(out, dense, atol=0, rtol=0)
+    for ours, theirs in zip(_layer_keys(cache, i), _layer_keys(dense_cache, i)):
+        torch.testing.assert_close(ours, theirs, atol=1e-6, rtol=1e-5)
 
 
 def test_keep_last_false_selects_by_score_alone():

@@ -73,7 +73,7 @@ def test_peft_selection_layer_is_the_adapted_dense_layer_where_selected():
     """Layer by layer: ``out == where(selected, adapted_dense_layer(x), x)``, same cache."""
     from transformers import DynamicCache
 
-    from test_layer import _dense_layer, _expected_selection, _layer_keys, _run_with_capture
+    from test_layer import _dense_layer, _run_with_capture, assert_layer_property
 
     model = _peft_model()
     inner = model.get_base_model()
@@ -85,15 +85,7 @@ def test_peft_selection_layer_is_the_adapted_dense_layer_where_selected():
     for i, got in captured.items():
         dense_cache = DynamicCache(config=inner.config)
         dense = _dense_layer(inner, i, got["x"], got["kwargs"], dense_cache)
-        x, out = got["x"], got["out"]
-        if i in LAYERS:
-            selected = _expected_selection(inner.model.layers[i].input_layernorm(x), real)
-            torch.testing.assert_close(out[selected], dense[selected], atol=2e-5, rtol=1e-4)
-            assert torch.equal(out[~selected], x[~selected])
-        else:
-            torch.testing.assert_close(out, dense, atol=0, rtol=0)
-        for ours, theirs in zip(_layer_keys(cache, i), _layer_keys(dense_cache, i)):
-            torch.testing.assert_close(ours, theirs, atol=1e-6, rtol=1e-5)
+        assert_layer_property(inner, i, got, dense, cache, dense_cache, LAYERS, real)
 
 
 def test_adapters_run_in_selection_layers():
