@@ -15,33 +15,12 @@ from typing import Sequence
 import torch
 
 from .. import data
+from ..cliargs import DTYPES, fraction, positive_int
 from .plots import plot_saturation_profile, plot_sink_profile
 from .saturation import saturation_profile
 from .sink import sink_profile
 
 logger = logging.getLogger(__name__)
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def _ratio(value: str) -> float:
-    try:
-        number = float(value)
-    except ValueError as err:
-        raise argparse.ArgumentTypeError(f"not a number: {value!r}") from err
-    if not 0.0 < number <= 1.0:
-        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {number}")
-    return number
-
-
-def _positive(value: str) -> int:
-    try:
-        number = int(value)
-    except ValueError as err:
-        raise argparse.ArgumentTypeError(f"not an integer: {value!r}") from err
-    if number < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {number}")
-    return number
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -53,12 +32,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default=None, help=f"Hub id or local folder (default: embedded {data.DEFAULT_MODEL})")
     p.add_argument("--arch", default="llama", choices=data.ARCHS, help="architecture of the embedded model")
     p.add_argument("--text", default=None, help="a .txt/.json/.jsonl file (default: the wiki eval split)")
-    p.add_argument("--n-texts", type=_positive, default=32, help="rows analysed (texts, or windows with --pack)")
-    p.add_argument("--max-tokens", type=_positive, default=512, help="tokens per row at most")
+    p.add_argument("--n-texts", type=positive_int, default=32, help="rows analysed (texts, or windows with --pack)")
+    p.add_argument("--max-tokens", type=positive_int, default=512, help="tokens per row at most")
     p.add_argument("--pack", action="store_true", help="concatenate texts into full windows of --max-tokens")
-    p.add_argument("--keep-ratio", type=_ratio, default=1 / 3, help="fraction of tokens a selection keeps")
-    p.add_argument("--top-k", type=_positive, default=5, help="ranks followed for saturation")
-    p.add_argument("--batch-size", type=_positive, default=4)
+    p.add_argument("--keep-ratio", type=fraction(low_open=True), default=1 / 3, help="fraction of tokens a selection keeps")
+    p.add_argument("--top-k", type=positive_int, default=5, help="ranks followed for saturation")
+    p.add_argument("--batch-size", type=positive_int, default=4)
     p.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
     p.add_argument("--no-attention", action="store_true", help="skip the eager pass for the sink attention share")
     p.add_argument("--no-saturation", action="store_true", help="skip the logit-lens saturation analysis")

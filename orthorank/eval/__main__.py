@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+from ..cliargs import DTYPES, fraction, positive_int
 
 logger = logging.getLogger("orthorank.eval")
 
@@ -33,26 +33,6 @@ def _limit(text: str) -> int | float:
     return value
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError as err:
-        raise argparse.ArgumentTypeError(f"expected a positive int, got {text!r}") from err
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive int, got {text!r}")
-    return value
-
-
-def _sparsity(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError as err:
-        raise argparse.ArgumentTypeError(f"expected a number in [0, 1), got {text!r}") from err
-    if not 0.0 <= value < 1.0:
-        raise argparse.ArgumentTypeError(f"expected a number in [0, 1), got {text!r}")
-    return value
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m orthorank.eval",
@@ -62,18 +42,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="parameter dtype (default float32)")
     p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     how = p.add_mutually_exclusive_group(required=True)
-    how.add_argument("--sparsity", type=_sparsity, help="orthorank.patch(model, sparsity=S)")
+    how.add_argument("--sparsity", type=fraction(high_open=True), help="orthorank.patch(model, sparsity=S)")
     how.add_argument("--plan", type=Path, help="an orthorank plan JSON file (orthorank.Plan.save, examples/plans)")
     how.add_argument("--dense", action="store_true", help="the unpatched model")
     p.add_argument("--tasks", required=True, help="comma-separated lm-eval task or group names")
     p.add_argument("--include-path", action="append", default=None, help="folder of extra task YAMLs (repeatable)")
-    p.add_argument("--batch-size", type=_positive_int, default=1, help="rows per forward (default 1)")
+    p.add_argument("--batch-size", type=positive_int, default=1, help="rows per forward (default 1)")
     p.add_argument("--limit", type=_limit, default=None, help="documents per task: an int, or a fraction")
     p.add_argument("--num-fewshot", type=int, default=None, help="few-shot examples (default: each task's)")
-    p.add_argument("--max-length", type=_positive_int, default=None, help="longest row in tokens (default: model's)")
+    p.add_argument("--max-length", type=positive_int, default=None, help="longest row in tokens (default: model's)")
     p.add_argument("--bootstrap-iters", type=int, default=100_000, help="resamples for stderr (0: none)")
     p.add_argument("--log-samples", action="store_true", help="keep per-document outputs in --output")
-    p.add_argument("--threads", type=_positive_int, default=None, help="torch CPU threads")
+    p.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads")
     p.add_argument("--output", type=Path, default=None, help="write the results JSON here")
     return p
 
