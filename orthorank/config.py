@@ -19,6 +19,15 @@ DECODE_POLICIES: tuple[str, ...] = ("dense", "bypass")
 #: Default fraction of a row's tokens that a selection layer updates (the paper keeps 1/3).
 DEFAULT_KEEP_RATIO: float = 1.0 / 3.0
 
+#: Default number of each row's last prompt tokens that every selection layer updates first.
+#: The latest tokens of a prompt are the ones generation reads most (the question of a chat turn,
+#: the template tokens that open the answer). Chosen by measurement on the embedded
+#: SmolLM2-135M-Instruct at sparsity 0.2 (``examples/selfcalib/keep_recent.py``, README): the
+#: next-token perplexity right after a prefill falls from 17.3 (last token only) to 14.7 on
+#: prompts of 16-96 tokens and from 17.5 to 14.4 on 97-511 tokens (dense 13.6 / 14.2), chat
+#: answers agree longer with dense, and full-window perplexity moves by under 2.5%.
+DEFAULT_KEEP_RECENT: int = 32
+
 #: Default overall sparsity of ``orthorank.patch(model)``.
 DEFAULT_SPARSITY: float = 0.2
 
@@ -72,18 +81,19 @@ class PatchOptions:
 
     Attributes:
         decode: one of :data:`DECODE_POLICIES`.
-        keep_last: the last real token of each row is always selected (within the keep budget):
-            its output is the next-token prediction that ``generate`` reads.
+        keep_recent: each row's last ``keep_recent`` real tokens are selected before any other
+            (within the keep budget, the latest first): the last one's output is the next-token
+            prediction that ``generate`` reads. ``0`` ranks every token by its score alone.
         seed: seed of the ``random`` selector (each layer draws from its own generator).
     """
 
     decode: str = "dense"
-    keep_last: bool = True
+    keep_recent: int = DEFAULT_KEEP_RECENT
     seed: int = 0
 
     def __post_init__(self) -> None:
         check_choice("decode", self.decode, DECODE_POLICIES)
-        if not isinstance(self.keep_last, bool):
-            raise TypeError(f"keep_last must be True or False, got {self.keep_last!r}")
+        if isinstance(self.keep_recent, bool) or not isinstance(self.keep_recent, int) or self.keep_recent < 0:
+            raise ValueError(f"keep_recent must be an int >= 0 (tokens), got {self.keep_recent!r}")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise TypeError(f"seed must be an int, got {type(self.seed).__name__}")

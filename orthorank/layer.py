@@ -20,7 +20,7 @@ from torch import nn
 
 from . import compat, hooks
 from .config import tokens_to_keep, tokens_to_keep_per_row
-from .scoring import Selection, select_padded, select_uniform, token_scores
+from .scoring import Selection, prefer_recent, select_padded, select_uniform, token_scores
 
 logger = logging.getLogger(__name__)
 
@@ -38,6 +38,11 @@ class ForwardState:
         n_max: the largest row's real-token count (host int).
         sink: ``[batch]`` column of each row's first real token (``None``: column 0).
         last: ``[batch]`` column of each row's last real token (``None``: column ``seq - 1``).
+        prompt: rows without padding only: columns ``prompt ..`` are generated tokens, teacher-forced.
+            The layer selects among columns ``0 .. prompt-1`` exactly as in a prefill of those
+            ``prompt`` tokens and updates every later column, as decode steps under the ``dense``
+            decode policy do (``None``: the whole pass is a prefill). Calibration losses that match
+            generation (:class:`orthorank.runner.LossRunner` with ``prompt``) use it.
     """
 
     batch: int
@@ -48,6 +53,7 @@ class ForwardState:
     n_max: int = 0
     sink: torch.Tensor | None = None
     last: torch.Tensor | None = None
+    prompt: int | None = None
 
     def matches(self, hidden_states: torch.Tensor) -> bool:
         return hidden_states.shape[0] == self.batch and hidden_states.shape[1] == self.seq
@@ -58,7 +64,7 @@ class ForwardState:
             return self
         return ForwardState(
             self.batch, self.seq, self.mode, self.real.to(device), self.n_real.to(device), self.n_max,
-            self.sink.to(device), self.last.to(device),
+            self.sink.to(device), self.last.to(device), self.prompt,
         )
 
 
@@ -207,7 +213,7 @@ class SelectiveForward:
         keep_ratio: float,
         selector: str,
         decode: str,
-        keep_last: bool,
+        keep_recent: int,
         context: ForwardContext,
         spec: compat.ArchSpec,
         seed: int = 0,
@@ -217,7 +223,7 @@ class SelectiveForward:
         self.keep_ratio = keep_ratio
         self.selector = selector
         self.decode = decode
-        self.keep_last = keep_last
+        self.keep_recent = keep_recent
         self.context = context
         self.q_norm = getattr(self.attn, "q_norm", None) if spec.qk_norm else None
         self.k_norm = getattr(self.attn, "k_norm", None) if spec.qk_norm else None
@@ -274,14 +280,15 @@ class SelectiveForward:
 
     def _choose(self, x: torch.Tensor, state: ForwardState) -> Selection | None:
         scores = token_scores(x, state.sink, self.selector, self._generator(x.device))
-        if self.keep_last:
-            if state.last is None:
-                scores[:, -1] = -torch.inf
-            else:
-                scores.scatter_(1, state.last.unsqueeze(1), -torch.inf)
         if state.real is None:
-            k = tokens_to_keep(self.keep_ratio, state.seq)
+            n = state.seq if state.prompt is None else state.prompt
+            prefer_recent(scores, n, self.keep_recent)
+            k = tokens_to_keep(self.keep_ratio, n)
+            if state.prompt is not None:  # the generated columns are always updated
+                scores[:, n:] = -torch.inf
+                k += state.seq - n
             return select_uniform(scores, k) if k > 0 else None
+        prefer_recent(scores, state.last + 1, self.keep_recent, state.sink)
         k = tokens_to_keep(self.keep_ratio, state.n_max)
         if k == 0:
             return None

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from . import compat
-from .config import DEFAULT_KEEP_RATIO, DEFAULT_SPARSITY, PatchOptions, check_fraction
+from .config import DEFAULT_KEEP_RATIO, DEFAULT_KEEP_RECENT, DEFAULT_SPARSITY, PatchOptions, check_fraction
 from .hooks import AttentionRoute
 from .layer import (
     STATE_KWARG, DenseForward, ForwardContext, ForwardState, LayerStats, RemovedForward, SelectiveForward,
@@ -136,7 +136,8 @@ def patch(
     max_ppl_increase: float | None = None,
     selector: str = "orthogonal",
     decode: str = "dense",
-    keep_last: bool = True,
+    keep_recent: int = DEFAULT_KEEP_RECENT,
+    keep_last: bool | None = None,
     seed: int = 0,
     cache: bool = True,
     progress: bool = True,
@@ -157,8 +158,10 @@ def patch(
         keep_ratio: fraction of each row's tokens a selection layer updates, in (0, 1).
         selector: ``orthogonal`` (OrthoRank), ``least_orthogonal`` or ``random`` (controls).
         decode: what selection layers do in decode steps: ``dense`` (default) or ``bypass``.
-        keep_last: always select each row's last token (its output is the next-token
-            prediction); it takes one of the ``keep_ratio`` slots.
+        keep_recent: each row's last ``keep_recent`` tokens are selected first (the latest first),
+            within the ``keep_ratio`` slots; the last token's output is the next-token prediction
+            ``generate`` reads. ``0``: every token is ranked by the selector alone (the paper).
+        keep_last: older switch: ``False`` means ``keep_recent=0``; ``True`` keeps at least the last.
         seed: seed of the ``random`` selector.
         cache: read and write the plan cache (``$ORTHORANK_CACHE/plans``) when calibrating.
         progress: show progress bars when a plan is calibrated.
@@ -170,7 +173,12 @@ def patch(
     """
     spec = compat.arch_spec(model)
     keep_ratio = check_fraction("keep_ratio", keep_ratio, low_open=True, high_open=True)
-    options = PatchOptions(decode=decode, keep_last=keep_last, seed=seed)
+    if keep_last is not None:
+        if not isinstance(keep_last, bool):
+            raise TypeError(f"keep_last must be True, False or None, got {keep_last!r}")
+        if isinstance(keep_recent, int) and not isinstance(keep_recent, bool):
+            keep_recent = max(keep_recent, 1) if keep_last else 0
+    options = PatchOptions(decode=decode, keep_recent=keep_recent, seed=seed)
     new_plan = _make_plan(model, sparsity, layers, keep_ratio, plan, selector, max_ppl_increase, cache, progress)
     from .autoplan import report_quality
 
@@ -196,7 +204,7 @@ def _install(model: nn.Module, new_plan: Plan, options: PatchOptions, spec: comp
             forward: SelectiveForward | RemovedForward = RemovedForward(layer)
         else:
             forward = SelectiveForward(
-                layer, ratio, new_plan.selector, options.decode, options.keep_last, handle.context, spec,
+                layer, ratio, new_plan.selector, options.decode, options.keep_recent, handle.context, spec,
                 seed=options.seed + i,
             )
         forward.original = compat.install_forward(layer, forward)

@@ -4,6 +4,13 @@ A search compares many plans that differ from a common parent plan in one layer 
 such candidate, layers ``0 .. i-1`` behave as in the parent, so their outputs are recorded once
 (:meth:`LossRunner.record`) and each candidate runs only layers ``i .. L-1`` and the LM head.
 The selective layers of :func:`orthorank.patch` are active: the loss is the real one.
+
+With ``prompt=p`` the loss is the one generation sees: the first ``p`` tokens of each window are
+the prompt (a prefill through the plan's selective layers) and the rest is the answer, scored
+teacher-forced as decode steps under the ``dense`` decode policy run it (every layer updates it,
+over the prompt's keys and values as the selective prefill wrote them). Only the answer's tokens
+count. Full-window loss instead scores every token as a prefill token, including the two thirds a
+selection layer skips, whose own predictions generation never reads.
 """
 
 from __future__ import annotations
@@ -49,13 +56,21 @@ class Recording:
 
 
 class LossRunner:
-    """Mean next-token NLL of ``model`` under plans, on fixed windows ``ids`` ``[n, seq]``."""
+    """Mean next-token NLL of ``model`` under plans, on fixed windows ``ids`` ``[n, seq]``.
 
-    def __init__(self, model: nn.Module, ids: torch.Tensor, *, batch_size: int = 1) -> None:
+    ``prompt``: score only the tokens after the first ``prompt`` of each window, as generated
+    tokens (see the module docstring); ``None`` scores all ``seq - 1`` predictions of a prefill.
+    """
+
+    def __init__(self, model: nn.Module, ids: torch.Tensor, *, batch_size: int = 1, prompt: int | None = None) -> None:
         compat.arch_spec(model)
         self.model = model
         self.ids = check_ids(ids)
         self.batch_size = check_batch_size(batch_size)
+        seq = self.ids.shape[1]
+        if prompt is not None and (isinstance(prompt, bool) or not isinstance(prompt, int) or not 1 <= prompt < seq):
+            raise ValueError(f"prompt must be None or an int in [1, {seq - 1}] (tokens before the scored answer), got {prompt!r}")
+        self.prompt = prompt
         self.base = compat.base_model(model)
         self.layers = compat.decoder_layers(model)
         self.num_layers = len(self.layers)
@@ -64,7 +79,7 @@ class LossRunner:
         self.cost = RunCost(num_layers=self.num_layers, rows=self.ids.shape[0])
         self._chunks = [c.to(self.device) for c in self.ids.split(self.batch_size)]
         self._kwargs = [self._layer_kwargs(c) for c in self._chunks]
-        self._tokens = self.ids.shape[0] * (self.ids.shape[1] - 1)
+        self._tokens = self.ids.shape[0] * (seq - 1 if prompt is None else seq - prompt)
 
     @torch.inference_mode()
     def _layer_kwargs(self, chunk: torch.Tensor) -> dict[str, Any]:
@@ -93,7 +108,7 @@ class LossRunner:
             for c, chunk in enumerate(self._chunks):
                 kwargs = self._kwargs[c]
                 h = parent.inputs[c][start] if parent is not None else self.base.embed_tokens(chunk)
-                state = ForwardState(chunk.shape[0], chunk.shape[1], "select", n_max=chunk.shape[1])
+                state = ForwardState(chunk.shape[0], chunk.shape[1], "select", n_max=chunk.shape[1], prompt=self.prompt)
                 saved = list(parent.inputs[c][:start]) if parent is not None else []
                 with context.use(state):
                     for i in range(start, self.num_layers):
@@ -103,7 +118,8 @@ class LossRunner:
                         self.cost.layer_calls += chunk.shape[0]
                 if record:
                     out.inputs.append(saved)
-                total += float(head_nll(self.model, h, chunk).sum())
+                first = 0 if self.prompt is None else self.prompt - 1
+                total += float(head_nll(self.model, h[:, first:], chunk[:, first:]).sum())
                 self.cost.head_calls += chunk.shape[0]
         out.loss = total / self._tokens
         return out

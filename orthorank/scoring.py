@@ -44,6 +44,34 @@ def token_scores(
     return -score if selector == "least_orthogonal" else score
 
 
+def prefer_recent(scores: torch.Tensor, end: int | torch.Tensor, recent: int, sink: torch.Tensor | None = None) -> None:
+    """Rank each row's ``recent`` tokens before ``end`` ahead of every scored token (in place).
+
+    The latest ranks first, so a budget smaller than ``recent`` keeps the latest ones. The sink
+    (and anything before it: left padding) is never preferred.
+
+    Args:
+        scores: ``[batch, seq]`` scores (smaller = more important, all >= -1).
+        end: one past the last token of every row (an int), or ``[batch]`` per row.
+        recent: how many tokens (>= 0).
+        sink: ``[batch]`` column of each row's sink (``None``: column 0).
+    """
+    if recent <= 0:
+        return
+    if isinstance(end, int):
+        first = max(1, end - recent)
+        if first < end:  # the last column gets -2 - (count - 1), the lowest
+            scores[:, first:end] = -2.0 - torch.arange(end - first, device=scores.device, dtype=scores.dtype)
+        return
+    back = torch.arange(recent, device=scores.device)
+    cols = end.unsqueeze(1) - 1 - back  # [batch, recent], latest first
+    floor = torch.zeros_like(end) if sink is None else sink
+    valid = cols > floor.unsqueeze(1)
+    cols = cols.clamp_min(0)
+    values = (-2.0 - (recent - 1 - back)).to(scores.dtype).expand_as(cols)
+    scores.scatter_(1, cols, torch.where(valid, values, scores.gather(1, cols)))
+
+
 @dataclass
 class Selection:
     """Tokens a selection layer updates, in their original order.

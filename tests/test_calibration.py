@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import orthorank
+from orthorank import compat
 from orthorank.calibration import SearchConfig, calibrate, plan_at_round
 from orthorank.metrics import mean_nll
 from orthorank.runner import LossRunner
@@ -50,6 +51,45 @@ def test_runner_loss_matches_patched_model_with_and_without_reuse(arch):
     assert runner.loss(plan, dense) == pytest.approx(expected, rel=1e-6)
     assert runner.cost.layer_calls - before == 3 * 4  # layers 2..5 only, 3 windows
     assert not orthorank.is_patched(model)
+
+
+def _generation_nll(model: torch.nn.Module, ids: torch.Tensor, prompt: int) -> float:
+    """Mean NLL of ``ids[:, prompt:]`` as generate sees it: a prefill of the first ``prompt``
+    tokens, then the rest fed as one more pass over the cache (teacher-forced decode steps)."""
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for row in ids:
+            row = row[None]
+            first = model(input_ids=row[:, :prompt], use_cache=True)
+            cache = {compat.model_cache_kwarg(model): first.past_key_values}
+            rest = model(input_ids=row[:, prompt:], use_cache=True, **cache)
+            logits = torch.cat([first.logits[:, -1:], rest.logits[:, :-1]], dim=1)
+            total += float(torch.nn.functional.cross_entropy(logits[0].float(), row[0, prompt:], reduction="sum"))
+            count += row.shape[1] - prompt
+    return total / count
+
+
+@pytest.mark.parametrize("arch", ["llama", "mistral"])
+@pytest.mark.parametrize("prompt", [1, 7, 19])
+def test_runner_generation_loss_matches_prefill_then_decode(arch, prompt):
+    model = tiny_model(arch, layers=6, initializer_range=0.2)
+    ids = torch.randint(3, 97, (3, 20), generator=torch.Generator().manual_seed(0))
+    runner = LossRunner(model, ids, batch_size=2, prompt=prompt)
+    plan = orthorank.Plan((1.0, 1 / 3, 1.0, 0.0, 0.5, 1.0))
+    with orthorank.patched(model, plan=plan):
+        expected = _generation_nll(model, ids, prompt)
+    dense = runner.record(orthorank.Plan((1.0,) * 6))
+    assert dense.loss == pytest.approx(_generation_nll(model, ids, prompt), rel=1e-5)
+    assert runner.loss(plan) == pytest.approx(expected, rel=1e-5)
+    assert runner.loss(plan, dense) == pytest.approx(expected, rel=1e-5)
+    if prompt > 2:  # a prompt long enough to skip tokens: the loss differs from the full-window one
+        assert runner.loss(plan) != pytest.approx(LossRunner(model, ids).loss(plan), rel=1e-3)
+
+
+@pytest.mark.parametrize("prompt", [0, 20, 2.5, True])
+def test_runner_rejects_a_bad_prompt(prompt):
+    with pytest.raises(ValueError, match="prompt must be None or an int in"):
+        LossRunner(tiny_model(layers=2), torch.ones(2, 20, dtype=torch.long), prompt=prompt)
 
 
 def test_search_picks_the_cheapest_layer_and_is_deterministic():
@@ -123,8 +163,9 @@ def test_search_config_eligible_layers():
 def test_prefix_of_a_longer_search_is_the_shorter_search():
     model = cheap_layer_model()
     ids = sampled_ids(model, rows=2, seq=16)
-    long = calibrate(model, None, ids, sparsity=3 * (2 / 3) / 6, levels=(1.0, 1 / 3), progress=False)
-    short = calibrate(model, None, ids, sparsity=(2 / 3) / 6, levels=(1.0, 1 / 3), progress=False)
+    kwargs = {"levels": (1.0, 1 / 3), "versus_removal": False, "progress": False}
+    long = calibrate(model, None, ids, sparsity=3 * (2 / 3) / 6, **kwargs)
+    short = calibrate(model, None, ids, sparsity=(2 / 3) / 6, **kwargs)
     assert len(long.selection_layers) == 3
     assert plan_at_round(long, 1).keep_ratios == short.keep_ratios
     assert plan_at_round(long, 3).keep_ratios == long.keep_ratios

@@ -19,7 +19,7 @@ import orthorank
 from orthorank import hooks
 
 from conftest import tiny_model
-from test_layer import KEEP, _dense_layer, _expected_selection, _layer_keys, _run_with_capture
+from test_layer import KEEP, RECENT, _dense_layer, _expected_selection, _layer_keys, _run_with_capture
 
 LAYERS = [1, 3]
 
@@ -57,7 +57,7 @@ class Recorder:
 def test_hooks_that_change_input_and_output_keep_the_layer_property(attn):
     model = tiny_model(attn=attn)
     ids = torch.randint(3, 97, (1, 20), generator=torch.Generator().manual_seed(3))
-    orthorank.patch(model, layers=LAYERS, keep_ratio=KEEP)
+    orthorank.patch(model, layers=LAYERS, keep_ratio=KEEP, keep_recent=RECENT)
     recorder = Recorder(model, steer=0.5, scale=0.5)
     cache = DynamicCache(config=model.config)
     captured = _run_with_capture(model, ids, None, torch.arange(20)[None], cache)

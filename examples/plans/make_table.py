@@ -5,7 +5,8 @@
 
 ``--heldout`` evaluates the saved plans ``examples/plans/<row>@<s>.json`` of :data:`HELDOUT_ROWS`
 on the wiki ``eval`` split and on outside prose (``examples/selfcalib/heldout.py``), 4x1024 tokens
-each: perplexity at every sparsity, and at ``--faithful-at`` the next-token NLL right after a
+each, selection layers as ``patch`` installs them (``keep_recent`` at its default; entries measured
+under another value are measured again): perplexity at every sparsity, and at ``--faithful-at`` the next-token NLL right after a
 prefill of sampled prefixes (8 lengths in [16, 511] x 8 windows) and greedy chat agreement with dense (``orthorank.bench``). Results
 are cached in ``examples/plans/heldout.json``; the table goes to ``examples/plans/heldout.md``.
 
@@ -28,6 +29,7 @@ import torch
 
 from orthorank.baselines import blocks_to_remove, random_control, shortgpt_plan, sleb_plan
 from orthorank.calibration import SearchConfig, plan_at_round, search_plan
+from orthorank.config import DEFAULT_KEEP_RECENT as KEEP_RECENT
 from orthorank.data import load_model, token_windows, wiki_texts
 from orthorank.plan import Plan, default_plan
 from orthorank.runner import LossRunner
@@ -198,11 +200,13 @@ def heldout_table(args: argparse.Namespace) -> None:
                 continue
             key = f"{row}@{s}"
             entry = results.get(key)
-            if entry is None or entry.get("keep_ratios") != list(plan.keep_ratios):
-                entry = {"keep_ratios": list(plan.keep_ratios), "sparsity": round(plan.sparsity, 4),
-                         "selection": plan.selection_layers, "removed": plan.removed_layers}
+            recent = KEEP_RECENT if plan.selection_layers else None  # no selection layer: it does not matter
+            if entry is None or entry.get("keep_ratios") != list(plan.keep_ratios) or entry.get("keep_recent") != recent:
+                entry = {"keep_ratios": list(plan.keep_ratios), "keep_recent": recent,
+                         "sparsity": round(plan.sparsity, 4), "selection": plan.selection_layers,
+                         "removed": plan.removed_layers}
             for other in results.values():  # the same plan in another row: its measurements hold here too
-                if other is not entry and other.get("keep_ratios") == list(plan.keep_ratios):
+                if other is not entry and other.get("keep_ratios") == list(plan.keep_ratios) and other.get("keep_recent") == recent:
                     entry.update({k: v for k, v in other.items() if k.startswith(("ppl_", "next_", "chat_")) and k not in entry})
             for name, runner in runners.items():
                 if f"ppl_{name}" not in entry:

@@ -18,7 +18,11 @@ from pathlib import Path
 
 import torch
 
+import orthorank
 from orthorank.data import token_windows, wiki_texts
+from orthorank.plan import Plan
+
+SAVED_PLANS = Path(__file__).resolve().parents[1] / "plans"
 
 OUTSIDE_FILES = (
     "/usr/share/common-licenses/GPL-3",
@@ -44,3 +48,28 @@ def outside_windows(tokenizer, window: int = 1024) -> torch.Tensor:
 def wiki_eval_windows(tokenizer, n: int = 4, window: int = 1024) -> torch.Tensor:
     """``[n, window]`` windows of the wiki ``eval`` split (disjoint from ``calib``)."""
     return token_windows(tokenizer, wiki_texts("eval"), window, n)
+
+
+def compared_plans(model: torch.nn.Module, specs: list[str], sparsity: float = 0.2) -> dict[str, Plan]:
+    """``shipped`` (what ``patch(model, sparsity=...)`` installs), ``self-calibrated`` (the saved
+    ``examples/plans/selfcalib@<sparsity>.json``) and one plan per ``NAME=PLAN.json`` in ``specs``."""
+    orthorank.patch(model, sparsity=sparsity)
+    plans = {"shipped": orthorank.get_plan(model), "self-calibrated": Plan.load(SAVED_PLANS / f"selfcalib@{sparsity}.json")}
+    orthorank.unpatch(model)
+    for spec in specs:
+        name, path = spec.split("=", 1)
+        plans[name] = Plan.load(path)
+    return plans
+
+
+def sweep_keep_recent(model: torch.nn.Module, plans: dict[str, Plan], values: list[int], measure, results: dict) -> None:
+    """``results["<name> keep_recent=<r>"] = measure()`` with ``model`` patched with each plan and value."""
+    for name, plan in plans.items():
+        for recent in values:
+            orthorank.patch(model, plan=plan, keep_recent=recent)
+            try:
+                results[f"{name} keep_recent={recent}"] = row = measure()
+            finally:
+                orthorank.unpatch(model)
+            print(name, plan.selection_layers, "keep_recent", recent,
+                  {k: v for k, v in row.items() if not isinstance(v, list)}, flush=True)
