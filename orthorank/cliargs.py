@@ -13,15 +13,24 @@ from .config import check_fraction
 DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def positive_int(text: str) -> int:
-    """An int >= 1, else an ``argparse`` error saying so."""
+def _int_at_least(text: str, low: int, what: str) -> int:
     try:
         value = int(text)
     except ValueError as err:
-        raise argparse.ArgumentTypeError(f"expected a positive int, got {text!r}") from err
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive int, got {text!r}")
+        raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from err
+    if value < low:
+        raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
     return value
+
+
+def positive_int(text: str) -> int:
+    """An int >= 1, else an ``argparse`` error saying so."""
+    return _int_at_least(text, 1, "a positive int")
+
+
+def non_negative_int(text: str) -> int:
+    """An int >= 0, else an ``argparse`` error saying so."""
+    return _int_at_least(text, 0, "an int >= 0")
 
 
 def fraction(*, low_open: bool = False, high_open: bool = False) -> Callable[[str], float]:

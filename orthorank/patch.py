@@ -222,11 +222,17 @@ def _install(model: nn.Module, new_plan: Plan, options: PatchOptions, spec: comp
 
 
 def _state_hook(
-    module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
-) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any] | None = None
+) -> tuple[tuple[Any, ...], dict[str, Any]] | None:
     """Pre-hook: the state of this forward travels with the call itself, as a keyword argument
     that the base model hands every decoder layer. Nothing is stored, so concurrent and nested
-    forwards cannot see each other's state and none outlives its forward."""
+    forwards cannot see each other's state and none outlives its forward.
+
+    torch registers a ``with_kwargs`` hook in two steps; a forward that another thread runs while
+    the patch is being installed may call it as ``hook(module, args)``: that forward gets no state
+    (its selection layers run densely) instead of an error."""
+    if kwargs is None:
+        return None
     return args, {**kwargs, STATE_KWARG: _read_inputs(args, kwargs)}
 
 

@@ -25,6 +25,7 @@ from lm_eval.tasks import TaskManager  # noqa: E402
 
 import orthorank  # noqa: E402
 import orthorank.data  # noqa: E402
+from orthorank.config import DEFAULT_KEEP_RECENT  # noqa: E402
 from orthorank.eval import EvalOptions, MaskedHFLM, evaluate, require_lm_eval  # noqa: E402
 from orthorank.eval.__main__ import main  # noqa: E402
 from orthorank.eval.adapter import unambiguous_groups  # noqa: E402
@@ -251,6 +252,17 @@ def test_cli_dense_and_plan_file(task_dir: Path, tmp_path: Path) -> None:
         main([*common, "--plan", str(tmp_path / "bad.json")])
     with pytest.raises(SystemExit):
         main([*common, "--dense", "--sparsity", "0.2"])
+    # --keep-recent reaches the patch: equal to evaluating the model patched with that value
+    out = tmp_path / "recent0.json"
+    assert main([*common, "--plan", str(tmp_path / "plan.json"), "--keep-recent", "0", "--output", str(out)]) == 0
+    recent0 = json.loads(out.read_text())
+    assert recent0["orthorank"]["keep_recent"] == 0 and planned["orthorank"]["keep_recent"] == DEFAULT_KEEP_RECENT
+    direct0 = evaluate(orthorank.patch(tiny_model(), plan=plan, keep_recent=0), tiny_tokenizer(), "tiny_cloze",
+                       batch_size=1, limit=4, include_path=task_dir, bootstrap_iters=0)
+    assert _metrics(recent0) == pytest.approx(_metrics(direct0), rel=REL)
+    assert _metrics(recent0) != pytest.approx(_metrics(planned), rel=REL), "keep_recent=0 must change the numbers here"
+    with pytest.raises(SystemExit):
+        main([*common, "--plan", str(tmp_path / "plan.json"), "--keep-recent", "-1"])
 
 
 def test_shipped_tasks_load_from_any_directory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -174,6 +174,43 @@ def test_budget_caches_in_two_threads_give_their_sequential_generations() -> Non
     assert count_mismatches(results, sequential) == 0
 
 
+def test_budget_cache_hooks_ignore_a_call_without_kwargs() -> None:
+    """torch registers a ``with_kwargs`` pre-hook in two steps; a forward in another thread between
+    them calls the hook as ``hook(module, args)``. The cache's hooks must take that as not theirs
+    (it raised a TypeError, seen once in the two-thread test above), and the generation of the
+    cache's own thread must not change."""
+    model, prompts = budget_model_and_prompts()
+    want = budget_generation(model, prompts[0])
+    with BudgetCache(model, budget=16, policy="milestone", n_sink=2, window=4) as cache:
+        modules = [m for m in model.modules() if m._forward_pre_hooks]
+        hooks = [(m, h) for m in modules for h in m._forward_pre_hooks.values()]
+        assert len(hooks) == 1 + model.config.num_hidden_layers  # the model's and each attention's
+        for module, hook in hooks:
+            assert hook(module, (prompts[1],)) is None
+        out = model.generate(prompts[0], **{CACHE_KW: cache}, max_new_tokens=24, do_sample=False, pad_token_id=0)
+    assert torch.equal(out, want[0])
+
+
+def test_a_forward_racing_the_patch_hook_registration_runs_densely() -> None:
+    """The same two-step registration for the patch's own pre-hook: a forward that sees the hook
+    before its "with kwargs" flag gets no state, so its selection layers run the dense layer."""
+    model = tiny_model("llama", layers=4)
+    ids = torch.randint(3, VOCAB, (2, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        dense = model(ids).logits
+        orthorank.patch(model, layers=[1, 2])
+        patched = model(ids).logits
+        flags = model.model._forward_pre_hooks_with_kwargs
+        saved = dict(flags)
+        flags.clear()  # as between torch's two registration steps
+        try:
+            racing = model(ids).logits
+        finally:
+            flags.update(saved)
+    assert not torch.allclose(patched, dense, atol=1e-4)
+    torch.testing.assert_close(racing, dense, atol=1e-5, rtol=1e-4)
+
+
 def test_a_budget_cache_ignores_the_queries_of_a_forward_in_another_thread() -> None:
     """A deterministic interleaving: generation A pauses inside an attention module (its cache is
     waiting for the query of the step) while generation B runs to its end in another thread."""

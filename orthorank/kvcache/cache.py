@@ -265,19 +265,25 @@ class BudgetCache(Cache):
         return f"BudgetCache(policy={cfg.policy!r}, budget={cfg.budget}, layers={len(self.layers)})"
 
 
+#: torch registers a ``with_kwargs`` hook in two steps (the hook, then its "with kwargs" flag): a
+#: forward running in another thread between them calls it without ``kwargs``. Such a forward is
+#: not this cache's (the cache's own generation starts after ``attach`` returns), so the hooks
+#: below take ``kwargs=None`` as "not mine".
+
+
 def _model_pre_hook(ref: "weakref.ref[BudgetCache]"):  # noqa: ANN202
-    def hook(module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
+    def hook(module: nn.Module, args: tuple, kwargs: dict[str, Any] | None = None) -> None:
         cache = ref()
-        if cache is not None and _uses_cache(cache, kwargs):
+        if cache is not None and kwargs is not None and _uses_cache(cache, kwargs):
             cache._on_model_forward(args, kwargs)
 
     return hook
 
 
 def _attention_pre_hook(ref: "weakref.ref[BudgetCache]"):  # noqa: ANN202
-    def hook(module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
+    def hook(module: nn.Module, args: tuple, kwargs: dict[str, Any] | None = None) -> None:
         cache = ref()
-        if cache is None or not _uses_cache(cache, kwargs):
+        if cache is None or kwargs is None or not _uses_cache(cache, kwargs):
             return
         embeddings = kwargs.get("position_embeddings", args[1] if len(args) > 1 else None)
         scaling = getattr(module, "scaling", module.head_dim**-0.5)
