@@ -3,7 +3,8 @@
 A search compares many plans that differ from a common parent plan in one layer ``i``. Under every
 such candidate, layers ``0 .. i-1`` behave as in the parent, so their outputs are recorded once
 (:meth:`LossRunner.record`) and each candidate runs only layers ``i .. L-1`` and the LM head.
-The selective layers of :func:`orthorank.patch` are active: the loss is the real one.
+The selective layers of :func:`orthorank.patch` are active, with its default options (e.g.
+``keep_recent``): the loss is the real one.
 
 With ``prompt=p`` the loss is the one generation sees: the first ``p`` tokens of each window are
 the prompt (a prefill through the plan's selective layers) and the rest is the answer, scored
