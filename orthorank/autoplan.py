@@ -31,7 +31,7 @@ from typing import Any
 from torch import nn
 
 from . import compat, plancache, selfcalib, shipped
-from .calibration import SearchConfig, plan_at_round
+from .calibration import SearchConfig, closest_round, plan_at_round, round_sparsities
 from .fingerprint import model_fingerprint
 from .plan import Plan
 
@@ -58,19 +58,6 @@ def max_sparsity(num_layers: int, keep_ratio: float, recipe: selfcalib.Recipe) -
     return len(eligible) * (1.0 - lowest) / num_layers
 
 
-def round_sparsities(plan: Plan) -> list[float] | None:
-    """Sparsity after 0, 1, ... rounds of the search that made ``plan`` (``None`` without rounds)."""
-    history = plan.meta.get("rounds")
-    if not isinstance(history, list) or not history:
-        return None
-    ratios = [1.0] * plan.num_layers
-    out = [0.0]
-    for step in history:
-        ratios[step["layer"]] = step["keep_ratio"]
-        out.append(sum(1.0 - r for r in ratios) / plan.num_layers)
-    return out
-
-
 def round_increases(plan: Plan) -> list[float] | None:
     """Expected perplexity increase after 0, 1, ... rounds (``None`` without rounds and losses)."""
     history, dense = plan.meta.get("rounds"), plan.meta.get("dense_loss")
@@ -83,11 +70,8 @@ def plan_for_sparsity(plan: Plan, sparsity: float, tolerance: float) -> Plan | N
     """``plan`` itself, or the plan after one of its search rounds, if within ``tolerance`` of ``sparsity``."""
     if abs(plan.sparsity - sparsity) <= tolerance:
         return plan
-    points = round_sparsities(plan)
-    if points is None:
-        return None
-    best = min(range(len(points)), key=lambda r: (abs(points[r] - sparsity), r))
-    return plan_at_round(plan, best) if abs(points[best] - sparsity) <= tolerance else None
+    best = closest_round(plan, sparsity)
+    return best if best is not plan and abs(best.sparsity - sparsity) <= tolerance else None
 
 
 def _tag(plan: Plan, origin: str) -> Plan:

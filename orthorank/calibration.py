@@ -30,7 +30,8 @@ from .runner import LossRunner
 logger = logging.getLogger(__name__)
 
 __all__ = [
-    "SearchConfig", "calibrate", "calibration_ids", "perplexity", "plan_at_round", "removal_search", "search_plan",
+    "SearchConfig", "calibrate", "calibration_ids", "closest_round", "perplexity", "plan_at_round", "removal_search",
+    "round_sparsities", "search_plan",
 ]
 
 _TOL = 1e-9
@@ -190,6 +191,28 @@ def plan_at_round(plan: Plan, rounds: int) -> Plan:
     meta["final_loss"] = history[rounds - 1]["loss"] if rounds else meta.get("dense_loss")
     meta.pop("flops_saved", None)
     return Plan(tuple(ratios), plan.selector, plan.model_type, plan.method, meta)
+
+
+def round_sparsities(plan: Plan) -> list[float] | None:
+    """Sparsity after 0, 1, ... rounds of the search that made ``plan`` (``None`` without rounds)."""
+    history = plan.meta.get("rounds")
+    if not isinstance(history, list) or not history:
+        return None
+    ratios = [1.0] * plan.num_layers
+    out = [0.0]
+    for step in history:
+        ratios[step["layer"]] = step["keep_ratio"]
+        out.append(sum(1.0 - r for r in ratios) / plan.num_layers)
+    return out
+
+
+def closest_round(plan: Plan, sparsity: float) -> Plan:
+    """The plan after the round of ``plan``'s search whose sparsity is closest to ``sparsity``
+    (the earliest on ties; ``plan`` itself when it records no rounds)."""
+    points = round_sparsities(plan)
+    if points is None:
+        return plan
+    return plan_at_round(plan, min(range(len(points)), key=lambda r: (abs(points[r] - sparsity), r)))
 
 
 def removal_search(

@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -173,12 +173,11 @@ def patch(
     """
     spec = compat.arch_spec(model)
     keep_ratio = check_fraction("keep_ratio", keep_ratio, low_open=True, high_open=True)
+    options = PatchOptions(decode=decode, keep_recent=keep_recent, seed=seed)
     if keep_last is not None:
         if not isinstance(keep_last, bool):
             raise TypeError(f"keep_last must be True, False or None, got {keep_last!r}")
-        if isinstance(keep_recent, int) and not isinstance(keep_recent, bool):
-            keep_recent = max(keep_recent, 1) if keep_last else 0
-    options = PatchOptions(decode=decode, keep_recent=keep_recent, seed=seed)
+        options = replace(options, keep_recent=max(keep_recent, 1) if keep_last else 0)
     new_plan = _make_plan(model, sparsity, layers, keep_ratio, plan, selector, max_ppl_increase, cache, progress)
     from .autoplan import report_quality
 

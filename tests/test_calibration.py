@@ -7,7 +7,7 @@ import torch
 
 import orthorank
 from orthorank import compat
-from orthorank.calibration import SearchConfig, calibrate, plan_at_round
+from orthorank.calibration import SearchConfig, calibrate, closest_round, plan_at_round
 from orthorank.metrics import mean_nll
 from orthorank.runner import LossRunner
 
@@ -170,6 +170,8 @@ def test_prefix_of_a_longer_search_is_the_shorter_search():
     assert plan_at_round(long, 1).keep_ratios == short.keep_ratios
     assert plan_at_round(long, 3).keep_ratios == long.keep_ratios
     assert plan_at_round(long, 0).is_dense
+    assert closest_round(long, 1.4 * (2 / 3) / 6).keep_ratios == short.keep_ratios  # nearest round: 1
+    assert closest_round(short, 0.9).keep_ratios == short.keep_ratios  # beyond its last round: the last
     with pytest.raises(ValueError, match="rounds"):
         plan_at_round(long, 4)
 

@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 from orthorank.baselines import blocks_to_remove, random_control, shortgpt_plan, sleb_plan
-from orthorank.calibration import SearchConfig, plan_at_round, search_plan
+from orthorank.calibration import SearchConfig, closest_round, plan_at_round, search_plan
 from orthorank.config import DEFAULT_KEEP_RECENT as KEEP_RECENT
 from orthorank.data import load_model, token_windows, wiki_texts
 from orthorank.plan import Plan, default_plan
@@ -121,7 +121,7 @@ def main() -> None:
             full = search_plan(LossRunner(model, calib), config, progress=False)
             full.save(args.out / f"{method.replace('/', '_')}-search.json")
             for s in args.sparsities:
-                prefix = _closest_prefix(full, s)
+                prefix = closest_round(full, s)
                 evaluate(f"{method}@{s}", prefix)
                 if method in ("orthorank", "hybrid"):
                     evaluate(f"{method}+random@{s}", random_control(prefix))
@@ -251,13 +251,6 @@ def write_heldout_table(results: dict, path: Path, sparsities: list[float], fait
             cells += ["-", "-"]
         lines.append("| " + " | ".join(cells) + " |")
     path.write_text("\n".join(lines) + "\n")
-
-
-def _closest_prefix(plan: Plan, sparsity: float) -> Plan:
-    """The prefix of a search whose sparsity is closest to ``sparsity`` (earliest on ties)."""
-    best = min(range(len(plan.meta["rounds"]) + 1),
-               key=lambda k: (abs(plan_at_round(plan, k).sparsity - sparsity) + 1e-9 * k))
-    return plan_at_round(plan, best)
 
 
 if __name__ == "__main__":

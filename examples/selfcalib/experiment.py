@@ -23,7 +23,7 @@ import torch
 
 from heldout import outside_windows, wiki_eval_windows
 from orthorank.baselines import blocks_to_remove, sleb_plan
-from orthorank.calibration import SearchConfig, plan_at_round, search_plan
+from orthorank.calibration import SearchConfig, closest_round, plan_at_round, search_plan
 from orthorank.data import load_model, token_windows, wiki_texts
 from orthorank.plan import Plan
 from orthorank.runner import LossRunner
@@ -79,12 +79,6 @@ def parse_recipe(name: str) -> dict:
         raise SystemExit(f"bad recipe {name!r}")
     return {"source": m[1], "temperature": float(m[2]), "top_p": float(m[3] or 1.0), "n": int(m[4]),
             "seq": int(m[5]), "search": m[6], "shortlist": int(m[7] or 10), "seed": int(m[8] or 0)}
-
-
-def closest_prefix(plan: Plan, sparsity: float) -> Plan:
-    best = min(range(len(plan.meta["rounds"]) + 1),
-               key=lambda k: (abs(plan_at_round(plan, k).sparsity - sparsity) + 1e-9 * k))
-    return plan_at_round(plan, best)
 
 
 def main() -> None:
@@ -143,7 +137,7 @@ def main() -> None:
             levels, jumps = SEARCHES[r["search"]]
             full = search_plan(runner, SearchConfig(top, levels=levels, jumps=jumps, shortlist=r["shortlist"]),
                                progress=False)
-            plans = {s: closest_prefix(full, s) for s in args.sparsities}
+            plans = {s: closest_round(full, s) for s in args.sparsities}
         search_s = time.perf_counter() - t1
         res = {"recipe": r, "generate_s": round(gen_s, 1), "search_s": round(search_s, 1),
                "search_forward_passes": full.meta.get("forward_passes"), "full_plan": full.to_dict(),

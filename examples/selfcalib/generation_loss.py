@@ -33,17 +33,12 @@ from heldout import outside_windows, wiki_eval_windows  # noqa: E402
 
 from orthorank.bench.quality import chat_answers  # noqa: E402
 from orthorank.bench.tasks import CHAT_ITEMS, chat_agreement  # noqa: E402
-from orthorank.calibration import SearchConfig, plan_at_round, search_plan  # noqa: E402
+from orthorank.calibration import SearchConfig, closest_round, search_plan  # noqa: E402
 from orthorank.data import load_model, token_windows, wiki_texts  # noqa: E402
 from orthorank.patch import plan_installed  # noqa: E402
 from orthorank.plan import Plan  # noqa: E402
 from orthorank.runner import LossRunner  # noqa: E402
 from orthorank.selfcalib import RECIPE, self_generated_ids  # noqa: E402
-
-
-def closest_prefix(plan: Plan, sparsity: float) -> Plan:
-    rounds = range(len(plan.meta["rounds"]) + 1)
-    return plan_at_round(plan, min(rounds, key=lambda k: (abs(plan_at_round(plan, k).sparsity - sparsity), k)))
 
 
 def chat_scores(model, tok, plan: Plan | None, reference: list[list[int]] | None) -> dict:
@@ -105,7 +100,7 @@ def main() -> None:
         full = search_plan(runner, config, progress=False)
         res = {"recipe": name, "search_s": round(time.perf_counter() - t0, 1), "full_plan": full.to_dict(), "plans": {}}
         for s in args.sparsities:
-            plan = closest_prefix(full, s)
+            plan = closest_round(full, s)
             row = {"sparsity": round(plan.sparsity, 4), "selection": plan.selection_layers,
                    "calib_loss": plan.meta.get("final_loss")}
             row.update({k: round(math.exp(ev.loss(plan)), 3) for k, ev in evals.items()})
