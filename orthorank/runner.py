@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from . import compat
-from .patch import forward_context, plan_installed
+from .install import forward_context, plan_installed
 from .layer import ForwardState
 from .metrics import check_batch_size, check_ids, head_nll
 from .plan import Plan

@@ -21,12 +21,13 @@ from typing import Any
 import torch
 from torch import nn
 from tqdm.auto import tqdm
+from transformers import DynamicCache
 
 from . import compat
 from .calibration import SearchConfig, search_plan
-from .config import check_choice, check_fraction, SELECTORS
+from .config import SELECTORS, check_choice, check_fraction
+from .install import running_dense
 from .metrics import check_batch_size
-from .patch import plan_installed
 from .plan import Plan
 from .runner import LossRunner
 
@@ -143,8 +144,6 @@ def _sample_rows(
 ) -> torch.Tensor:
     """``[len(gens), window]`` ids: ``start`` then ``window - 1`` tokens, row ``r`` sampled with ``gens[r]``."""
     rows = len(gens)
-    from transformers import DynamicCache
-
     device = next(model.parameters()).device
     cache = DynamicCache(config=model.config)
     name = compat.model_cache_kwarg(model)
@@ -192,9 +191,8 @@ def self_generated_ids(
     batch_size = n_windows if batch_size is None else check_batch_size(batch_size)
     compat.arch_spec(model)
     start = start_token(model)
-    dense = Plan((1.0,) * len(compat.decoder_layers(model)))
     chunks = []
-    with plan_installed(model, dense), tqdm(
+    with running_dense(model), tqdm(
         total=n_windows * (window - 1), desc="orthorank: generating calibration text", unit="tok", disable=not progress
     ) as bar:
         for first in range(0, n_windows, batch_size):

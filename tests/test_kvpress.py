@@ -89,7 +89,7 @@ def _generate(model, press, prompt, new_tokens=8):
 
 @pytest.mark.parametrize("name", ["knorm", "snapkv", "adakv"])
 def test_generation_under_a_press_equals_dense_when_the_last_layer_selects(name):
-    """With only the last layer selecting (``keep_last``), every next-token prediction comes from
+    """With only the last layer selecting (``keep_recent`` puts the last token first), every next-token prediction comes from
     dense computation over caches equal to the dense model's, prefill compression included."""
     make = PRESSES.get(name, lambda: kvpress.AdaKVPress(kvpress.KnormPress(compression_ratio=0.5)))
     prompt = _ids()

@@ -134,9 +134,8 @@ def assert_layer_property(
 
 
 @pytest.mark.parametrize("padded", [False, True])
-@pytest.mark.parametrize("options,recent", [({}, DEFAULT_KEEP_RECENT), ({"keep_last": False}, 0), ({"keep_recent": 0}, 0), ({"keep_recent": 1}, 1),
-                                            ({"keep_recent": 3}, 3), ({"keep_recent": 50}, 50),
-                                            ({"keep_last": True, "keep_recent": 0}, 1)])
+@pytest.mark.parametrize("options,recent", [({}, DEFAULT_KEEP_RECENT), ({"keep_recent": 0}, 0), ({"keep_recent": 1}, 1),
+                                            ({"keep_recent": 3}, 3), ({"keep_recent": 50}, 50)])
 def test_keep_recent_selects_the_latest_tokens_then_by_score(options, recent, padded):
     model = tiny_model()
     ids, mask, position_ids = _inputs(padded)
@@ -152,6 +151,12 @@ def test_keep_recent_selects_the_latest_tokens_then_by_score(options, recent, pa
 def test_keep_recent_rejects_bad_values(bad):
     with pytest.raises(ValueError, match="keep_recent must be an int >= 0"):
         orthorank.patch(tiny_model(), layers=[2], keep_recent=bad)
+
+
+@pytest.mark.parametrize("value", [False, True])
+def test_keep_recent_is_the_only_recency_option(value):
+    with pytest.raises(TypeError, match="keep_last"):
+        orthorank.patch(tiny_model(), layers=[2], keep_last=value)
 
 
 def test_selection_really_skips_compute():

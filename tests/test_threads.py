@@ -20,7 +20,7 @@ from transformers import TextIteratorStreamer
 import orthorank
 from orthorank.kvcache import BudgetCache
 from test_kvcache import CACHE_KW
-from orthorank.patch import forward_context
+from orthorank.install import forward_context
 from conftest import VOCAB, tiny_model, tiny_tokenizer
 
 N_THREADS = 4

@@ -35,7 +35,7 @@ from orthorank.bench.quality import chat_answers  # noqa: E402
 from orthorank.bench.tasks import CHAT_ITEMS, chat_agreement  # noqa: E402
 from orthorank.calibration import SearchConfig, closest_round, search_plan  # noqa: E402
 from orthorank.data import load_model, token_windows, wiki_texts  # noqa: E402
-from orthorank.patch import plan_installed  # noqa: E402
+from orthorank.install import plan_installed  # noqa: E402
 from orthorank.plan import Plan  # noqa: E402
 from orthorank.runner import LossRunner  # noqa: E402
 from orthorank.selfcalib import RECIPE, self_generated_ids  # noqa: E402
