@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
-from .config import DEFAULT_KEEP_RATIO, SELECTORS, check_choice, check_fraction
+from .config import DEFAULT_KEEP_RATIO, SELECTORS, check_choice, check_fraction, tokens_to_keep
 
 logger = logging.getLogger(__name__)
 
@@ -229,37 +229,118 @@ def default_plan(
     return plan
 
 
-def _dims(config: Any) -> tuple[int, int, int, int, int, int]:
-    """``(hidden, intermediate, q width, k/v width, vocab, layers)`` of a Llama-shaped config."""
+def _dims(config: Any) -> tuple[int, int, int, int, int, int, int]:
+    """``(hidden, intermediate, heads, kv heads, head dim, vocab, layers)`` of a Llama-shaped
+    config (or of a model's config)."""
     config = getattr(config, "config", config)
     try:
         hidden = int(config.hidden_size)
         heads = int(config.num_attention_heads)
         kv_heads = int(getattr(config, "num_key_value_heads", None) or heads)
         head_dim = int(getattr(config, "head_dim", None) or hidden // heads)
-        return hidden, int(config.intermediate_size), heads * head_dim, kv_heads * head_dim, int(config.vocab_size), int(
-            config.num_hidden_layers
-        )
+        return (hidden, int(config.intermediate_size), heads, kv_heads, head_dim, int(config.vocab_size),
+                int(config.num_hidden_layers))
     except AttributeError as err:
         raise TypeError(f"config must be a Llama-shaped transformers config (or a model); {err}") from err
+
+
+@dataclass(frozen=True)
+class LayerCosts:
+    """Per-token matmul FLOPs (2 per multiply-add) of a Llama/Mistral decoder layer's parts.
+
+    ``h`` hidden size, ``H`` query heads, ``G`` key/value heads, ``d`` head dim, ``I`` MLP width,
+    ``V`` vocabulary: query ``2·h·H·d``, key+value ``4·h·G·d``, output ``2·H·d·h``, MLP ``6·h·I``,
+    causal attention ``4·H·d`` per key attended, and the output layer ``2·h·V`` per token whose
+    logits are computed. Norms, RoPE, softmax, scoring and gathers are not counted.
+    """
+
+    query: float
+    key_value: float
+    output: float
+    mlp: float
+    attention_per_key: float
+    head: float
+    num_layers: int
+
+    @classmethod
+    def from_config(cls, config: Any) -> "LayerCosts":
+        """The costs of a transformers config (or of a model)."""
+        h, inter, heads, kv_heads, d, vocab, layers = _dims(config)
+        return cls(
+            query=2.0 * h * heads * d,
+            key_value=4.0 * h * kv_heads * d,
+            output=2.0 * heads * d * h,
+            mlp=6.0 * h * inter,
+            attention_per_key=4.0 * heads * d,
+            head=2.0 * h * vocab,
+            num_layers=layers,
+        )
 
 
 def flops_fraction(plan: Plan, config: Any, seq_len: int, *, include_head: bool = True) -> float:
     """Estimated share of a dense forward's FLOPs (one ``seq_len``-token row) that ``plan`` skips.
 
-    Counts matrix multiplications (2 FLOPs per multiply-add). Per layer and token: q and o
-    projections, k and v projections, the gated MLP, and causal attention over on average
-    ``(seq_len + 1) / 2`` keys. A selection layer with keep ratio ``r`` still computes K/V for every
-    token and the rest for a share ``r``; a removed layer costs nothing. With ``include_head`` the
-    dense total includes the output embedding (the LM head), which no plan skips.
+    Counts the :class:`LayerCosts` of every layer and token, with causal attention over on average
+    ``(seq_len + 1) / 2`` keys. A selection layer with keep ratio ``r`` still computes K/V for
+    every token and the rest for a share ``r``; a removed layer costs nothing. With
+    ``include_head`` the dense total includes the output embedding (the LM head), which no plan
+    skips.
     """
     if isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len < 1:
         raise ValueError(f"seq_len must be a positive int, got {seq_len!r}")
-    hidden, inter, q_width, kv_width, vocab, layers = _dims(config)
-    if layers != plan.num_layers:
-        raise ValueError(f"the plan has {plan.num_layers} layers but the config has {layers}")
-    kv = 2 * 2 * hidden * kv_width
-    rest = 2 * 2 * hidden * q_width + 3 * 2 * hidden * inter + 2 * 2 * q_width * (seq_len + 1) / 2
-    dense = layers * (kv + rest) + (2 * hidden * vocab if include_head else 0)
+    c = LayerCosts.from_config(config)
+    if c.num_layers != plan.num_layers:
+        raise ValueError(f"the plan has {plan.num_layers} layers but the config has {c.num_layers}")
+    kv = c.key_value
+    rest = c.query + c.output + c.mlp + c.attention_per_key * (seq_len + 1) / 2
+    dense = c.num_layers * (kv + rest) + (c.head if include_head else 0)
     skipped = sum(kv + rest if r == 0.0 else (1.0 - r) * rest for r in plan.keep_ratios)
     return skipped / dense
+
+
+def _keep_ratios(plan: Plan | None, c: LayerCosts) -> tuple[float, ...]:
+    ratios = (1.0,) * c.num_layers if plan is None else plan.keep_ratios
+    if len(ratios) != c.num_layers:
+        raise ValueError(f"plan has {len(ratios)} layers, the config {c.num_layers}")
+    return ratios
+
+
+def prefill_flops(config: Any, plan: Plan | None, seq: int, logits_tokens: int = 1) -> float:
+    """FLOPs of one row's forward over ``seq`` tokens that starts the sequence (no cache).
+
+    A selection layer computes key/value for every token and the rest (query, output, MLP,
+    attention) for the ``tokens_to_keep(r, seq)`` tokens it updates, their positions assumed spread
+    evenly (attention costs ``k / seq`` of the dense layer's).
+
+    Args:
+        plan: ``None`` (or a dense plan) for the dense model.
+        logits_tokens: tokens whose logits are computed (1 as in ``generate``'s prefill, ``seq``
+            for a full forward).
+    """
+    if isinstance(seq, bool) or not isinstance(seq, int) or seq < 1:
+        raise ValueError(f"seq must be a positive int, got {seq!r}")
+    c = LayerCosts.from_config(config)
+    dense_attention = c.attention_per_key * seq * (seq + 1) / 2
+    total = 0.0
+    for ratio in _keep_ratios(plan, c):
+        if ratio == 0.0:
+            continue
+        k = seq if ratio == 1.0 else tokens_to_keep(ratio, seq)
+        total += seq * c.key_value + k * (c.query + c.output + c.mlp) + dense_attention * k / seq
+    return total + logits_tokens * c.head
+
+
+def decode_flops(config: Any, plan: Plan | None, context: int, decode: str = "dense") -> float:
+    """FLOPs of one decode step (one new token per row) after ``context`` cached tokens.
+
+    With ``decode="dense"`` selection layers run densely in decode steps; with ``"bypass"`` they
+    only compute the new token's key/value. Removed layers cost nothing either way.
+    """
+    c = LayerCosts.from_config(config)
+    full = c.query + c.key_value + c.output + c.mlp + c.attention_per_key * (context + 1)
+    total = 0.0
+    for ratio in _keep_ratios(plan, c):
+        if ratio == 0.0:
+            continue
+        total += c.key_value if (ratio < 1.0 and decode == "bypass") else full
+    return total + c.head

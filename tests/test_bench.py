@@ -365,8 +365,6 @@ def test_report_writes_json_csv_plots_and_summary(tmp_path):
 
 
 def test_flop_ideal_agrees_with_plan_flops_fraction_on_full_forwards():
-    if not hasattr(Plan, "flops_fraction"):
-        pytest.skip("this release's Plan has no flops_fraction")
     config = SimpleNamespace(hidden_size=64, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
                              intermediate_size=128, vocab_size=100, num_hidden_layers=4)
     for plan in (Plan((1.0, 0.25, 0.0, 1.0)), Plan((1.0, 0.5, 0.5, 1.0))):
