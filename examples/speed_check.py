@@ -17,8 +17,8 @@ from pathlib import Path
 import torch
 
 import orthorank
-from orthorank.bench.flops import ideal_decode_speedup, ideal_prefill_speedup
-from orthorank.bench.speed import median, prefill_peak_memory, speedup, time_decode, time_prefill
+from benchmarks.suite.flops import ideal_decode_speedup, ideal_prefill_speedup
+from benchmarks.suite.speed import median, prefill_peak_memory, speedup, time_decode, time_prefill
 from orthorank.data import load_model, token_windows, wiki_texts
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}

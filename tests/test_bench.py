@@ -1,4 +1,4 @@
-"""Benchmark suite: task construction, metrics on stand-in models, helpers, settings, reports."""
+"""benchmarks.suite: task construction, metrics on stand-in models, helpers, settings, reports."""
 
 from __future__ import annotations
 
@@ -11,12 +11,12 @@ import torch
 from torch import nn
 
 import orthorank
-from orthorank.bench import flops, quality, speed, tasks
-from orthorank.bench.__main__ import parser, settings_from_args
-from orthorank.bench.memory import peak_bytes
-from orthorank.bench.methods import PlanCache, check_methods, model_key
-from orthorank.bench.report import BenchResults, QualityRow, summary_table
-from orthorank.bench.settings import BenchSettings, SpeedSettings, torch_dtype
+from benchmarks.suite import flops, quality, speed, tasks
+from benchmarks.suite.__main__ import parser, settings_from_args
+from benchmarks.suite.memory import peak_bytes
+from benchmarks.suite.methods import PlanCache, check_methods, model_key
+from benchmarks.suite.report import BenchResults, QualityRow, summary_table
+from benchmarks.suite.settings import BenchSettings, SpeedSettings, torch_dtype
 from orthorank.plan import Plan, layers_plan
 
 from conftest import VOCAB, tiny_model, tiny_tokenizer
@@ -383,7 +383,7 @@ def test_speed_shapes_respect_the_token_cap():
 
 
 def test_layer_profile_covers_every_layer_and_part():
-    from orthorank.bench.profile import PARTS, layer_profile, profile_table
+    from benchmarks.suite.profile import PARTS, layer_profile, profile_table
 
     torch.set_num_threads(1)
     model = tiny_model(layers=3)
@@ -467,7 +467,7 @@ def test_chat_answers_are_greedy_and_agree_with_themselves():
 
 
 def test_measure_quality_reports_the_faithful_metrics_beside_perplexity(tmp_path):
-    from orthorank.bench.runner import measure_quality
+    from benchmarks.suite.runner import measure_quality
 
     model = tiny_model(layers=6)
     tok = tiny_tokenizer()

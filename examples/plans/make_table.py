@@ -7,7 +7,7 @@
 on the wiki ``eval`` split and on outside prose (``examples/selfcalib/heldout.py``), 4x1024 tokens
 each, selection layers as ``patch`` installs them (``keep_recent`` at its default; entries measured
 under another value are measured again): perplexity at every sparsity, and at ``--faithful-at`` the next-token NLL right after a
-prefill of sampled prefixes (8 lengths in [16, 511] x 8 windows) and greedy chat agreement with dense (``orthorank.bench``). Results
+prefill of sampled prefixes (8 lengths in [16, 511] x 8 windows) and greedy chat agreement with dense (``benchmarks.suite``). Results
 are cached in ``examples/plans/heldout.json``; the table goes to ``examples/plans/heldout.md``.
 
 Calibration and evaluation windows come from the disjoint ``calib`` / ``eval`` splits of
@@ -165,7 +165,7 @@ def heldout_table(args: argparse.Namespace) -> None:
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "selfcalib"))
     from heldout import outside_windows, wiki_eval_windows
 
-    from orthorank.bench import quality, tasks
+    from benchmarks.suite import quality, tasks
     from orthorank.patch import patched
 
     log = logging.getLogger("make_table")

@@ -1,7 +1,7 @@
 """Validate the ``keep_recent`` default and the self-calibration recipe on chat questions they were
 not chosen on.
 
-Both were picked on the 16 questions of ``orthorank.bench.tasks.CHAT_ITEMS``; this script asks 32
+Both were picked on the 16 questions of ``benchmarks.suite.tasks.CHAT_ITEMS``; this script asks 32
 other short questions (greedy, 24 tokens, chat template, left-padded batch) of the dense model and
 of plans at sparsity 0.2 under several ``keep_recent`` values, and counts right answers.
 
@@ -17,8 +17,8 @@ from pathlib import Path
 
 import torch
 
-from orthorank.bench.quality import chat_answers
-from orthorank.bench.tasks import ChatItem, chat_agreement
+from benchmarks.suite.quality import chat_answers
+from benchmarks.suite.tasks import ChatItem, chat_agreement
 from orthorank.data import load_model
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))

@@ -23,7 +23,7 @@ import torch
 
 import orthorank
 from orthorank import shipped
-from orthorank.bench import quality, tasks
+from benchmarks.suite import quality, tasks
 from orthorank.data import load_model
 from orthorank.runner import LossRunner
 

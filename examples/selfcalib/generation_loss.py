@@ -31,8 +31,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from heldout import outside_windows, wiki_eval_windows  # noqa: E402
 
-from orthorank.bench.quality import chat_answers  # noqa: E402
-from orthorank.bench.tasks import CHAT_ITEMS, chat_agreement  # noqa: E402
+from benchmarks.suite.quality import chat_answers  # noqa: E402
+from benchmarks.suite.tasks import CHAT_ITEMS, chat_agreement  # noqa: E402
 from orthorank.calibration import SearchConfig, closest_round, search_plan  # noqa: E402
 from orthorank.data import load_model, token_windows, wiki_texts  # noqa: E402
 from orthorank.install import plan_installed  # noqa: E402

@@ -3,7 +3,7 @@
 For each plan at sparsity 0.2 (the shipped one, the self-calibrated one in
 ``examples/plans/selfcalib@0.2.json``, and optionally more) and each ``keep_recent`` value, measure
 what generation sees: the next-token perplexity right after a prefill (the model sees only the
-prefix; :func:`orthorank.bench.quality.prefill_next_token_nll`) on short prompts (12 lengths in
+prefix; :func:`benchmarks.suite.quality.prefill_next_token_nll`) on short prompts (12 lengths in
 [16, 96]) and long ones (6 lengths in [97, 511]), over 24 windows of 512 tokens (the two halves of
 8 wiki ``eval`` windows and of the 4 outside documents, ``heldout.py``), and the full-window
 perplexity on the held-out sets (4x1024 tokens each).
@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from orthorank.bench.quality import prefill_next_token_nll
+from benchmarks.suite.quality import prefill_next_token_nll
 from orthorank.data import load_model
 from orthorank.metrics import mean_nll
 

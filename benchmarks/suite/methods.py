@@ -24,9 +24,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from .. import compat
-from ..config import check_choice, check_fraction
-from ..plan import Plan, default_plan
+from orthorank import baselines, compat
+from orthorank.calibration import calibrate
+from orthorank.config import check_choice, check_fraction
+from orthorank.plan import Plan, default_plan
 
 logger = logging.getLogger(__name__)
 
@@ -64,11 +65,7 @@ def dense_plan(model: nn.Module) -> Plan:
 
 def random_plan(orthorank_plan: Plan) -> Plan:
     """The same layers and keep ratios with random token selection."""
-    try:
-        from ..baselines import random_control
-    except ImportError:
-        return dataclasses.replace(orthorank_plan, selector="random", method="random")
-    return random_control(orthorank_plan)
+    return baselines.random_control(orthorank_plan)
 
 
 def _make(method: str, model: nn.Module, calib_ids: torch.Tensor, sparsity: float, calibrated: bool) -> Plan:
@@ -76,11 +73,7 @@ def _make(method: str, model: nn.Module, calib_ids: torch.Tensor, sparsity: floa
         if not calibrated:
             n = len(compat.decoder_layers(model))
             return default_plan(n, sparsity, model_type=model.config.model_type)
-        from ..calibration import calibrate
-
         return calibrate(model, None, calib_ids, sparsity)
-    from .. import baselines
-
     if method == "sleb":
         return baselines.sleb_plan(model, calib_ids, sparsity)
     if method == "shortgpt":

@@ -1,12 +1,12 @@
 """Benchmark suite: quality and speed of OrthoRank against dense and layer-pruning baselines.
 
-Run ``python -m orthorank.bench`` (quick) or ``python -m orthorank.bench --full``; from Python::
+Run ``python -m benchmarks.suite`` (quick) or ``python -m benchmarks.suite --full``; from Python::
 
-    from orthorank.bench import BenchSettings, run
+    from benchmarks.suite import BenchSettings, run
     results, folder = run(BenchSettings.preset_settings("quick", sparsities=(0.2,)))
 
 Speed primitives (interleaved timing, decode steps, peak tensor memory) are in
-:mod:`orthorank.bench.speed`; FLOP-ideal speed-ups in :mod:`orthorank.bench.flops`.
+:mod:`benchmarks.suite.speed`; FLOP-ideal speed-ups in :mod:`benchmarks.suite.flops`.
 """
 
 from .methods import METHODS, PlanCache

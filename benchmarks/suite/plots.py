@@ -10,10 +10,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
-
-if TYPE_CHECKING:
-    from .report import BenchResults
+from typing import Any, Protocol
 
 logger = logging.getLogger(__name__)
 
@@ -25,6 +22,14 @@ _QUALITY_PANELS = (
 )
 
 
+class Results(Protocol):
+    """What the plots read of a run's results (:class:`benchmarks.suite.report.BenchResults`)."""
+
+    meta: dict[str, Any]
+    quality: list[Any]
+    speed: list[Any]
+
+
 def _pyplot() -> Any:
     import matplotlib
 
@@ -34,7 +39,7 @@ def _pyplot() -> Any:
     return plt
 
 
-def plot_quality(results: "BenchResults", path: Path) -> Path:
+def plot_quality(results: Results, path: Path) -> Path:
     """Quality vs sparsity per method."""
     plt = _pyplot()
     dense = next((r for r in results.quality if r.method == "dense"), None)
@@ -63,7 +68,7 @@ def plot_quality(results: "BenchResults", path: Path) -> Path:
     return path
 
 
-def plot_speedup(results: "BenchResults", path: Path) -> Path:
+def plot_speedup(results: Results, path: Path) -> Path:
     """Prefill speed-up vs context length, measured and FLOP-ideal."""
     plt = _pyplot()
     rows = [r for r in results.speed if r.kind == "prefill" and r.method != "dense"]
@@ -99,7 +104,7 @@ def plot_speedup(results: "BenchResults", path: Path) -> Path:
     return path
 
 
-def plot_all(results: "BenchResults", folder: Path) -> list[Path]:
+def plot_all(results: Results, folder: Path) -> list[Path]:
     """The plots this run has data for."""
     written = []
     if results.quality:

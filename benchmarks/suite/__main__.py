@@ -1,8 +1,8 @@
-"""``python -m orthorank.bench``: quality and speed of OrthoRank against dense and layer pruning.
+"""``python -m benchmarks.suite``: quality and speed of OrthoRank against dense and layer pruning.
 
-    python -m orthorank.bench                      # quick run (a few minutes on 2 CPU cores)
-    python -m orthorank.bench --full               # the README numbers
-    python -m orthorank.bench --speed-only --contexts 512,1024,2048,4096 --batch 1,8 \\
+    python -m benchmarks.suite                      # quick run (a few minutes on 2 CPU cores)
+    python -m benchmarks.suite --full               # the README numbers
+    python -m benchmarks.suite --speed-only --contexts 512,1024,2048,4096 --batch 1,8 \\
         --dtype float32,bfloat16 --threads 2 --repeats 5
 """
 
@@ -15,6 +15,8 @@ import sys
 from collections.abc import Sequence
 
 from .methods import METHODS
+from .report import BenchResults, summary_table
+from .runner import run
 from .settings import DTYPES, BenchSettings
 
 
@@ -46,7 +48,7 @@ def _names(text: str) -> tuple[str, ...]:
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m orthorank.bench", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m benchmarks.suite", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--full", action="store_true", help="the full preset (README numbers); default: quick")
     p.add_argument("--model", help="HF id or local path (default: the embedded SmolLM2-135M)")
@@ -131,8 +133,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     if args.replot:
-        from .report import BenchResults, summary_table
-
         results = BenchResults.load(args.replot)
         results.write(args.replot)
         print(summary_table(results))
@@ -141,11 +141,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         settings = settings_from_args(args)
     except (ValueError, TypeError) as err:
         parser().error(str(err))
-    from .runner import run
-
     results, folder = run(settings)
-    from .report import summary_table
-
     print(summary_table(results))
     print(f"\nresults: {folder}")
     return 0

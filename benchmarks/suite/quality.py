@@ -12,8 +12,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..metrics import check_batch_size, check_ids
-from .tasks import ClozeItem, PasskeyItem, encode_cloze, passkey_correct
+from orthorank.metrics import check_batch_size, check_ids
+from orthorank.metrics import perplexity as library_perplexity
+
+from .tasks import ClozeItem, PasskeyItem, chat_prompt_ids, encode_cloze, passkey_correct
 
 logger = logging.getLogger(__name__)
 
@@ -24,8 +26,6 @@ def _device(model: nn.Module) -> torch.device:
 
 def perplexity(model: nn.Module, ids: torch.Tensor, batch_size: int = 1) -> float:
     """Perplexity of ``model`` on windows ``ids`` ``[n, seq]`` (:func:`orthorank.metrics.perplexity`)."""
-    from ..metrics import perplexity as library_perplexity
-
     return float(library_perplexity(model, ids, batch_size=batch_size))
 
 
@@ -187,8 +187,6 @@ def chat_answers(
     Prompts of a batch are left-padded with an attention mask. Returns the answer token ids, each
     cut after its first end-of-text token.
     """
-    from .tasks import chat_prompt_ids
-
     if isinstance(new_tokens, bool) or not isinstance(new_tokens, int) or new_tokens < 1:
         raise ValueError(f"new_tokens must be a positive int, got {new_tokens!r}")
     batch_size = check_batch_size(batch_size)

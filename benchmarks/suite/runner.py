@@ -13,11 +13,13 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .. import data
-from ..patch import unpatch
-from ..plan import Plan
+from orthorank import data
+from orthorank.patch import unpatch
+from orthorank.plan import Plan
+
 from . import flops, quality, speed, tasks
 from .methods import PlanCache, dense_plan
+from .profile import layer_profile, profile_table
 from .report import BenchResults, QualityRow
 from .settings import BenchSettings, SpeedSettings, torch_dtype
 
@@ -195,8 +197,6 @@ def measure_speed(model: nn.Module, methods: dict[str, Plan | None], sp: SpeedSe
 def measure_profile(model: nn.Module, methods: dict[str, Plan | None], sp: SpeedSettings,
                     windows: Callable[[int, int], torch.Tensor]) -> dict[str, list[dict[str, Any]]]:
     """Per-layer profiles of ``dense`` and the first OrthoRank plan (first dtype, batch 1, largest context)."""
-    from .profile import layer_profile, profile_table
-
     label = next((k for k in methods if k.startswith("orthorank@") and k != "orthorank@0"), None)
     original = next(model.parameters()).dtype
     model.to(torch_dtype(sp.dtypes[0]))

@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 
+from .plots import plot_all
 from .speed import SpeedRow
 
 logger = logging.getLogger(__name__)
@@ -71,7 +72,7 @@ class BenchResults:
     quality: list[QualityRow] = field(default_factory=list)
     speed: list[SpeedRow] = field(default_factory=list)
     plans: dict[str, Any] = field(default_factory=dict)
-    #: per-layer prefill profiles by method label (see :mod:`orthorank.bench.profile`)
+    #: per-layer prefill profiles by method label (see :mod:`benchmarks.suite.profile`)
     profile: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
 
     @classmethod
@@ -138,8 +139,6 @@ class BenchResults:
         summary = folder / "summary.txt"
         summary.write_text(summary_table(self) + "\n")
         written.append(summary)
-        from .plots import plot_all
-
         written.extend(plot_all(self, folder))
         return written
 

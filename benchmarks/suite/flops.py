@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..plan import LayerCosts, Plan, decode_flops, prefill_flops
+from orthorank.plan import LayerCosts, Plan, decode_flops, prefill_flops
 
 __all__ = ["LayerCosts", "decode_flops", "ideal_decode_speedup", "ideal_prefill_speedup", "prefill_flops"]
 

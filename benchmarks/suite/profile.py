@@ -19,8 +19,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from .. import compat
-from ..plan import Plan
+from orthorank import compat
+from orthorank.plan import Plan
+
 from .speed import apply
 
 logger = logging.getLogger(__name__)

@@ -8,7 +8,8 @@ from typing import Any
 
 import torch
 
-from ..config import check_choice
+from orthorank.config import check_choice
+
 from .methods import METHODS, check_methods, check_sparsity
 from .tasks import CHAT_ITEMS
 
@@ -30,7 +31,7 @@ def _positive_ints(name: str, values: Any) -> tuple[int, ...]:
 
 @dataclass
 class SpeedSettings:
-    """What the speed part measures (see :mod:`orthorank.bench.speed`)."""
+    """What the speed part measures (see :mod:`benchmarks.suite.speed`)."""
 
     methods: tuple[str, ...] = ("dense", "orthorank", "sleb")
     sparsities: tuple[float, ...] = (0.2,)
@@ -107,7 +108,7 @@ class BenchSettings:
     gen_tokens: int = 32
     #: prefix lengths sampled for the next-token-after-prefill NLL (on the perplexity windows); 0 skips it
     next_token_prefixes: int = 8
-    #: chat questions (of :data:`orthorank.bench.tasks.CHAT_ITEMS`) answered greedily; 0 skips them
+    #: chat questions (of :data:`benchmarks.suite.tasks.CHAT_ITEMS`) answered greedily; 0 skips them
     chat_questions: int = 16
     chat_tokens: int = 24
     passkey_lengths: tuple[int, ...] = (256, 1024)

@@ -9,7 +9,7 @@ the median of the rest is reported, with the ratio of medians ``dense / method``
 * ``forward``: a full forward with all logits and no cache (the paper's throughput setting).
 * ``decode``: time of one decode step (batch × 1 token) after a prefill of ``context`` tokens,
   under the patch's decode policy; tokens/s = batch / step time.
-* peak memory: :func:`orthorank.bench.memory.peak_bytes` of one prefill (tensors only).
+* peak memory: :func:`benchmarks.suite.memory.peak_bytes` of one prefill (tensors only).
 
 A method is a ``Plan`` (installed with ``orthorank.patch(model, plan=...)``) or ``None`` for the
 unpatched model.
@@ -28,8 +28,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..patch import patch, unpatch
-from ..plan import Plan
+from orthorank.patch import patch, unpatch
+from orthorank.plan import Plan
+
 from .memory import peak_bytes
 
 logger = logging.getLogger(__name__)
