@@ -35,7 +35,8 @@ from typing import Any, Callable
 import torch
 from transformers import DynamicCache, LogitsProcessor, LogitsProcessorList
 
-from orthorank.data import load_model, token_windows, wiki_texts
+from benchmarks.embedded import load_model, wiki_texts
+from orthorank.text import token_windows
 from orthorank.kvcache import BudgetCache, separator_ids
 
 logger = logging.getLogger("budget_cache")

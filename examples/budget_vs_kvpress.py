@@ -49,7 +49,8 @@ import torch
 import transformers
 from transformers import DynamicCache
 
-from orthorank.data import load_model, token_windows, wiki_texts
+from benchmarks.embedded import load_model, wiki_texts
+from orthorank.text import token_windows
 from orthorank.kvcache import BudgetCache, separator_ids
 
 logger = logging.getLogger("budget_vs_kvpress")

@@ -19,7 +19,8 @@ import torch
 import orthorank
 from benchmarks.suite.flops import ideal_decode_speedup, ideal_prefill_speedup
 from benchmarks.suite.speed import median, prefill_peak_memory, speedup, time_decode, time_prefill
-from orthorank.data import load_model, token_windows, wiki_texts
+from benchmarks.embedded import load_model, wiki_texts
+from orthorank.text import token_windows
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 

@@ -26,6 +26,7 @@ from .config import DEFAULT_KEEP_RATIO, SELECTORS, check_choice, check_fraction
 from .metrics import perplexity
 from .plan import Plan
 from .runner import LossRunner
+from .text import token_windows
 
 logger = logging.getLogger(__name__)
 
@@ -271,8 +272,6 @@ def calibration_ids(
         return texts_or_ids
     if tokenizer is None:
         raise TypeError("calibrating on texts needs a tokenizer; pass one, or token ids [n, seq] as a LongTensor")
-    from .data import token_windows
-
     return token_windows(tokenizer, list(texts_or_ids), window, n_windows)
 
 
@@ -348,41 +347,3 @@ def calibrate(
     plan.meta.update(flops_saved=round(plan.flops_fraction(model.config, seq), 4), flops_seq_len=seq)
     logger.info("orthorank: calibrated %s", plan)
     return plan
-
-
-def main(argv: Sequence[str] | None = None) -> None:
-    """``python -m orthorank.calibration``: calibrate a model on wiki text and save the plan."""
-    import argparse
-
-    from .data import load_model, wiki_texts
-
-    p = argparse.ArgumentParser(prog="python -m orthorank.calibration", description=main.__doc__)
-    p.add_argument("--model", default=None, help="HF id or folder (default: the embedded SmolLM2-135M)")
-    p.add_argument("--sparsity", type=float, default=0.2)
-    p.add_argument("--keep-ratio", type=float, default=DEFAULT_KEEP_RATIO)
-    p.add_argument("--windows", type=int, default=2, help="calibration windows")
-    p.add_argument("--window", type=int, default=512, help="tokens per calibration window")
-    p.add_argument("--shortlist", type=int, default=10)
-    p.add_argument("--selection-only", action="store_true", help="the paper's search: no removed layers")
-    p.add_argument("--no-versus-removal", action="store_true", help="skip the final comparison with SLEB")
-    p.add_argument("--check-windows", type=int, default=4, help="held-back windows that judge the comparison")
-    p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16")
-    p.add_argument("--out", default="plan.json")
-    args = p.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    model, tokenizer = load_model(args.model, dtype=getattr(torch, args.dtype))
-    plan = calibrate(
-        model, tokenizer, wiki_texts("calib"), args.sparsity, keep_ratio=args.keep_ratio,
-        window=args.window, n_windows=args.windows, shortlist=args.shortlist,
-        levels=(1.0, args.keep_ratio) if args.selection_only else None, jumps=not args.selection_only,
-        versus_removal=not args.no_versus_removal, check_windows=args.check_windows,
-    )
-    plan.save(args.out)
-    print(plan)
-    print(f"cost: {plan.meta['forward_passes']} forward passes, {plan.meta['seconds']} s; saved to {args.out}")
-
-
-if __name__ == "__main__":
-    main()

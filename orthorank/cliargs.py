@@ -1,4 +1,5 @@
-"""Argument types shared by the command-line tools (``python -m orthorank.eval``, ``.analysis``)."""
+"""What the command-line tools (``python -m orthorank.eval``, ``.analysis``) share: argument
+types, and loading the model their ``--model`` names."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import argparse
 from collections.abc import Callable
 
 import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from .config import check_fraction
 
@@ -43,3 +45,13 @@ def fraction(*, low_open: bool = False, high_open: bool = False) -> Callable[[st
             raise argparse.ArgumentTypeError(str(err)) from err
 
     return parse
+
+
+def load_pretrained(
+    name_or_path: str, *, dtype: torch.dtype = torch.float32, attn_implementation: str = "sdpa"
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """``(model, tokenizer)`` of a Hub id or local folder, the model in eval mode."""
+    model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype, attn_implementation=attn_implementation)
+    tokenizer = AutoTokenizer.from_pretrained(name_or_path)
+    model.eval()
+    return model, tokenizer

@@ -1,6 +1,6 @@
 """The user's plan cache: plans that :func:`orthorank.patch` calibrated, one JSON file each.
 
-Layout (under :func:`orthorank.data.cache_root`, i.e. ``$ORTHORANK_CACHE`` or ``~/.cache/orthorank``)::
+Layout (under :func:`cache_root`, i.e. ``$ORTHORANK_CACHE`` or ``~/.cache/orthorank``)::
 
     plans/<fingerprint>/s<sparsity>_k<keep ratio>_<selector>_<recipe key>.json
 
@@ -26,12 +26,19 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from .data import cache_root
 from .plan import Plan
 
 logger = logging.getLogger(__name__)
 
 PLANS_DIR = "plans"
+
+
+def cache_root(cache_dir: str | Path | None = None) -> Path:
+    """The cache folder: ``cache_dir``, else ``$ORTHORANK_CACHE``, else ``~/.cache/orthorank``."""
+    if cache_dir is not None:
+        return Path(cache_dir).expanduser()
+    env = os.environ.get("ORTHORANK_CACHE")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "orthorank"
 
 
 def plans_root(cache_dir: str | Path | None = None) -> Path:

@@ -22,14 +22,13 @@ An entry serves ``patch(model, sparsity=s, keep_ratio=k, selector=sel)`` when it
 selection step of ``s``, or one of the rounds of its search (``plan.meta["rounds"]``) is:
 then the plan after that round is used (:func:`orthorank.plan_at_round`). How a plan was
 calibrated does not matter. Write entries with :func:`save_shipped_plan` or
-``python -m orthorank.shipped PLAN.json [...]`` (it fingerprints the embedded model by default).
+``python -m benchmarks.ship_plans PLAN.json [...]`` (it fingerprints the embedded model by default).
 """
 
 from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -51,6 +50,7 @@ SHIPPED_DIR = Path(__file__).resolve().parent / "plans"
 
 
 def shipped_path(fingerprint: str, directory: str | Path | None = None) -> Path:
+    """The shipped-plans file of ``fingerprint`` in ``directory`` (default: the package's plans)."""
     return Path(SHIPPED_DIR if directory is None else directory) / f"{fingerprint}.json"
 
 
@@ -146,32 +146,3 @@ def save_shipped_plan(
     atomic_write_text(path, json.dumps(data, indent=2) + "\n")
     logger.info("orthorank: shipped plan %s@%.4f written to %s", plan.method, sparsity, path)
     return path
-
-
-def main(argv: Sequence[str] | None = None) -> None:
-    """``python -m orthorank.shipped PLAN.json ...``: ship saved plans for a model."""
-    import argparse
-
-    from .data import load_model
-
-    p = argparse.ArgumentParser(prog="python -m orthorank.shipped", description=main.__doc__)
-    p.add_argument("plans", nargs="+", help="plan files written by Plan.save")
-    p.add_argument("--model", default=None, help="HF id or folder (default: the embedded SmolLM2-135M)")
-    p.add_argument("--sparsity", type=float, default=None, help="the sparsity each plan answers (one plan only)")
-    p.add_argument("--keep-ratio", type=float, default=None)
-    p.add_argument("--description", default=None)
-    p.add_argument("--dir", default=None, help="output folder (default: the package's orthorank/plans)")
-    args = p.parse_args(argv)
-    if args.sparsity is not None and len(args.plans) > 1:
-        p.error("--sparsity applies to one plan at a time")
-    model, _ = load_model(args.model)
-    description = args.description or ("SmolLM2-135M-Instruct (embedded model)" if args.model is None else args.model)
-    for name in args.plans:
-        plan = Plan.load(name, model=model)
-        path = save_shipped_plan(plan, model, args.sparsity, keep_ratio=args.keep_ratio,
-                                 description=description, directory=args.dir)
-        print(f"{name}: sparsity {plan.sparsity:.4f} -> {path}")
-
-
-if __name__ == "__main__":
-    main()

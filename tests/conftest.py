@@ -17,6 +17,10 @@ from transformers import (
     Qwen3ForCausalLM,
 )
 
+from benchmarks.embedded import DEFAULT_MODEL
+from orthorank import selfcalib
+from orthorank.plancache import cache_root
+
 VOCAB = 97
 
 
@@ -106,12 +110,10 @@ def _plan_cache(tmp_path_factory, monkeypatch) -> None:
     An embedded model checkpoint already built in the real cache is linked in (read only), so
     tests that load it do not rebuild it.
     """
-    from orthorank import data, selfcalib
-
-    built = data.cache_root() / data.DEFAULT_MODEL
+    built = cache_root() / DEFAULT_MODEL
     root = tmp_path_factory.mktemp("orthorank_cache")
     if (built / "config.json").is_file():
-        (root / data.DEFAULT_MODEL).symlink_to(built, target_is_directory=True)
+        (root / DEFAULT_MODEL).symlink_to(built, target_is_directory=True)
     monkeypatch.setenv("ORTHORANK_CACHE", str(root))
     monkeypatch.setattr(selfcalib, "RECIPE", selfcalib.Recipe(**TINY_RECIPE))
 

@@ -17,6 +17,7 @@ import pytest
 import torch
 
 import orthorank
+from benchmarks import ship_plans
 from orthorank import autoplan, plancache, selfcalib, shipped
 from orthorank.calibration import plan_at_round
 
@@ -231,6 +232,12 @@ def test_bad_cache_file_is_ignored_with_a_warning_and_rebuilt(kind, fake_calls, 
     assert rebuilt == orthorank.get_plan(model)
 
 
+def test_cache_root_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("ORTHORANK_CACHE", str(tmp_path))
+    assert plancache.cache_root() == tmp_path
+    assert plancache.cache_root(tmp_path / "x") == tmp_path / "x"
+
+
 def test_unwritable_cache_warns_and_still_patches(fake_calls, monkeypatch, tmp_path, caplog):
     calls = fake_calls
     blocker = tmp_path / "file"
@@ -345,7 +352,7 @@ def test_shipped_cli_writes_entries(tmp_path, ship_dir):
     tiny_tokenizer().save_pretrained(tmp_path / "model")
     plan_file = tmp_path / "plan.json"
     known_search([0.01, 0.05], [2, 3]).save(plan_file)
-    shipped.main([str(plan_file), "--model", str(tmp_path / "model"), "--dir", str(tmp_path / "out")])
+    ship_plans.main([str(plan_file), "--model", str(tmp_path / "model"), "--dir", str(tmp_path / "out")])
     (written,) = (tmp_path / "out").iterdir()
     assert written.name == f"{orthorank.model_fingerprint(model)}.json"
     assert shipped.read_entries(written.stem, 6, "llama", tmp_path / "out")[0]["plan"].selection_layers == [2, 3]

@@ -10,6 +10,7 @@ from orthorank import compat
 from orthorank.calibration import SearchConfig, calibrate, closest_round, plan_at_round
 from orthorank.metrics import mean_nll
 from orthorank.runner import LossRunner
+from orthorank.text import token_windows
 
 from conftest import tiny_model, tiny_tokenizer
 
@@ -255,10 +256,10 @@ def test_final_comparison_is_judged_on_held_back_windows_of_the_texts():
     plan = calibrate(model, tok, texts, sparsity=1 / 3, window=16, n_windows=2, check_windows=3, progress=False)
     versus = plan.meta["versus_removal"]
     assert versus["judged_on"] == "3 held-back windows" and plan.meta["calib_windows"] == 2
-    held_back = LossRunner(model, orthorank.data.token_windows(tok, texts, 16, 5)[2:])
+    held_back = LossRunner(model, token_windows(tok, texts, 16, 5)[2:])
     assert held_back.loss(plan) == pytest.approx(min(versus["searched_check_loss"], versus["removal_check_loss"]), rel=1e-6)
     assert (versus["chosen"] == "removal") == (versus["removal_check_loss"] < versus["searched_check_loss"])
-    ids_plan = calibrate(model, None, orthorank.data.token_windows(tok, texts, 16, 2), sparsity=1 / 3, progress=False)
+    ids_plan = calibrate(model, None, token_windows(tok, texts, 16, 2), sparsity=1 / 3, progress=False)
     assert ids_plan.meta["versus_removal"]["judged_on"] == "search windows"
     with pytest.raises(ValueError, match="check_windows"):
         calibrate(model, tok, texts, sparsity=0.2, check_windows=-1, progress=False)

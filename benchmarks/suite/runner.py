@@ -13,10 +13,11 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from orthorank import data
 from orthorank.patch import unpatch
 from orthorank.plan import Plan
+from orthorank.text import read_texts, token_windows
 
+from .. import embedded
 from . import flops, quality, speed, tasks
 from .methods import PlanCache, dense_plan
 from .profile import layer_profile, profile_table
@@ -29,8 +30,8 @@ logger = logging.getLogger(__name__)
 def load_texts(text: str | None) -> tuple[list[str], list[str]]:
     """``(calibration texts, evaluation texts)``: the wiki splits, or a file split 1 in 5 / 4 in 5."""
     if text is None:
-        return data.wiki_texts("calib"), data.wiki_texts("eval")
-    docs = data.read_texts(text)
+        return embedded.wiki_texts("calib"), embedded.wiki_texts("eval")
+    docs = read_texts(text)
     calib, evaluation = docs[::5], [d for i, d in enumerate(docs) if i % 5]
     if not calib or not evaluation:
         raise ValueError(f"{text}: need at least 2 documents (1 in 5 calibrates, the rest evaluates)")
@@ -57,7 +58,7 @@ def measure_quality(model: nn.Module, tokenizer: Any, settings: BenchSettings, c
                     eval_texts: list[str]) -> list[QualityRow]:
     """Quality rows: dense once, then every method at every sparsity."""
     s = settings
-    windows = data.token_windows(tokenizer, eval_texts, s.ppl_window, s.ppl_windows)
+    windows = token_windows(tokenizer, eval_texts, s.ppl_window, s.ppl_windows)
     items = tasks.cloze_items(eval_texts, s.cloze_items)
     prompts = gen_prompts(tokenizer, eval_texts, s.gen_prompts, s.gen_prompt_len)
     keys = tasks.passkey_items(tokenizer, s.passkey_lengths, s.passkey_trials, seed=s.seed)
@@ -220,9 +221,9 @@ def run(settings: BenchSettings) -> tuple[BenchResults, Path]:
     folder = Path(s.out) / (s.name or time.strftime("%Y%m%d-%H%M%S"))
     folder.mkdir(parents=True, exist_ok=True)
     logger.info("results in %s", folder)
-    model, tokenizer = data.load_model(s.model, dtype=torch_dtype(s.quality_dtype))
+    model, tokenizer = embedded.load_model(s.model, dtype=torch_dtype(s.quality_dtype))
     calib_texts, eval_texts = load_texts(s.text)
-    calib_ids = data.token_windows(tokenizer, calib_texts, s.calib_window, s.calib_windows)
+    calib_ids = token_windows(tokenizer, calib_texts, s.calib_window, s.calib_windows)
     cache = PlanCache(Path(s.out) / "plans", s.model, calib_ids)
     results = BenchResults.start(s, model)
     if s.quality:
@@ -232,7 +233,7 @@ def run(settings: BenchSettings) -> tuple[BenchResults, Path]:
         results.plans = {label: p.to_dict() for label, p in methods.items() if p is not None}
 
         def windows(batch: int, context: int) -> torch.Tensor:
-            return data.token_windows(tokenizer, eval_texts, context, batch)
+            return token_windows(tokenizer, eval_texts, context, batch)
 
         results.speed = measure_speed(model, methods, s.speed, windows)
         if s.speed.profile:

@@ -11,7 +11,7 @@ prefill of sampled prefixes (8 lengths in [16, 511] x 8 windows) and greedy chat
 are cached in ``examples/plans/heldout.json``; the table goes to ``examples/plans/heldout.md``.
 
 Calibration and evaluation windows come from the disjoint ``calib`` / ``eval`` splits of
-:func:`orthorank.data.wiki_texts`. One greedy search to the highest sparsity gives the plans of
+:func:`benchmarks.embedded.wiki_texts`. One greedy search to the highest sparsity gives the plans of
 all lower sparsities (its prefixes). Results are cached in ``<out>/results.json`` (re-running
 resumes); plans are saved next to it.
 """
@@ -30,7 +30,8 @@ import torch
 from orthorank.baselines import blocks_to_remove, random_control, shortgpt_plan, sleb_plan
 from orthorank.calibration import SearchConfig, closest_round, plan_at_round, search_plan
 from orthorank.config import DEFAULT_KEEP_RECENT as KEEP_RECENT
-from orthorank.data import load_model, token_windows, wiki_texts
+from benchmarks.embedded import load_model, wiki_texts
+from orthorank.text import token_windows
 from orthorank.plan import Plan, default_plan
 from orthorank.runner import LossRunner
 

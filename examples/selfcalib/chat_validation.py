@@ -19,7 +19,7 @@ import torch
 
 from benchmarks.suite.quality import chat_answers
 from benchmarks.suite.tasks import ChatItem, chat_agreement
-from orthorank.data import load_model
+from benchmarks.embedded import load_model
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from heldout import compared_plans, sweep_keep_recent  # noqa: E402

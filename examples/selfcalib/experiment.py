@@ -24,7 +24,8 @@ import torch
 from heldout import outside_windows, wiki_eval_windows
 from orthorank.baselines import blocks_to_remove, sleb_plan
 from orthorank.calibration import SearchConfig, closest_round, plan_at_round, search_plan
-from orthorank.data import load_model, token_windows, wiki_texts
+from benchmarks.embedded import load_model, wiki_texts
+from orthorank.text import token_windows
 from orthorank.plan import Plan
 from orthorank.runner import LossRunner
 

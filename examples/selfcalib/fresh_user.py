@@ -24,7 +24,7 @@ import torch
 import orthorank
 from orthorank import shipped
 from benchmarks.suite import quality, tasks
-from orthorank.data import load_model
+from benchmarks.embedded import default_model_dir, load_model
 from orthorank.runner import LossRunner
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -50,7 +50,7 @@ def main() -> None:
 
         os.environ["ORTHORANK_CACHE"] = cache
         # the embedded checkpoint is read from the usual cache: link it in (read only)
-        Path(cache, "smollm2-135m").symlink_to(orthorank.data.default_model_dir(Path.home() / ".cache" / "orthorank"))
+        Path(cache, "smollm2-135m").symlink_to(default_model_dir(Path.home() / ".cache" / "orthorank"))
         shipped.SHIPPED_DIR = Path(empty)
         model, tok = load_model(dtype=torch.bfloat16)
         start = time.perf_counter()

@@ -34,7 +34,8 @@ from heldout import outside_windows, wiki_eval_windows  # noqa: E402
 from benchmarks.suite.quality import chat_answers  # noqa: E402
 from benchmarks.suite.tasks import CHAT_ITEMS, chat_agreement  # noqa: E402
 from orthorank.calibration import SearchConfig, closest_round, search_plan  # noqa: E402
-from orthorank.data import load_model, token_windows, wiki_texts  # noqa: E402
+from benchmarks.embedded import load_model, wiki_texts  # noqa: E402
+from orthorank.text import token_windows  # noqa: E402
 from orthorank.install import plan_installed  # noqa: E402
 from orthorank.plan import Plan  # noqa: E402
 from orthorank.runner import LossRunner  # noqa: E402

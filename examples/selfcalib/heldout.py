@@ -19,7 +19,8 @@ from pathlib import Path
 import torch
 
 import orthorank
-from orthorank.data import token_windows, wiki_texts
+from benchmarks.embedded import wiki_texts
+from orthorank.text import token_windows
 from orthorank.plan import Plan
 
 SAVED_PLANS = Path(__file__).resolve().parents[1] / "plans"

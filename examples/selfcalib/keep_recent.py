@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from benchmarks.suite.quality import prefill_next_token_nll
-from orthorank.data import load_model
+from benchmarks.embedded import load_model
 from orthorank.metrics import mean_nll
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))

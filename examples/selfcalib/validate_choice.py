@@ -14,7 +14,8 @@ from pathlib import Path
 
 import torch
 
-from orthorank.data import load_model, token_windows, wiki_texts
+from benchmarks.embedded import load_model, wiki_texts
+from orthorank.text import token_windows
 from orthorank.plan import Plan
 from orthorank.runner import LossRunner
 

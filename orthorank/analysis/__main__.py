@@ -9,13 +9,14 @@ import argparse
 import json
 import logging
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
+from typing import Any
 
 import torch
 
-from .. import data
-from ..cliargs import DTYPES, fraction, positive_int
+from ..cliargs import DTYPES, fraction, load_pretrained, positive_int
+from ..text import read_texts, token_windows
 from .plots import plot_saturation_profile, plot_sink_profile
 from .saturation import saturation_profile
 from .sink import sink_profile
@@ -29,9 +30,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m orthorank.analysis",
         description="Sink phenomenon and ordered top-k saturation of a causal LM: figures and a JSON summary.",
     )
-    p.add_argument("--model", default=None, help=f"Hub id or local folder (default: embedded {data.DEFAULT_MODEL})")
-    p.add_argument("--arch", default="llama", choices=data.ARCHS, help="architecture of the embedded model")
-    p.add_argument("--text", default=None, help="a .txt/.json/.jsonl file (default: the wiki eval split)")
+    p.add_argument("--model", required=True, help="Hub id or local folder")
+    p.add_argument("--text", required=True, help="a .txt/.json/.jsonl file of documents")
     p.add_argument("--n-texts", type=positive_int, default=32, help="rows analysed (texts, or windows with --pack)")
     p.add_argument("--max-tokens", type=positive_int, default=512, help="tokens per row at most")
     p.add_argument("--pack", action="store_true", help="concatenate texts into full windows of --max-tokens")
@@ -46,11 +46,11 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def load_rows(args: argparse.Namespace, tokenizer) -> list[str] | torch.Tensor:
+def load_rows(args: argparse.Namespace, tokenizer: Any) -> list[str] | torch.Tensor:
     """The texts (or packed token windows) the command analyses."""
-    texts = data.read_texts(args.text) if args.text else data.wiki_texts("eval")
+    texts = read_texts(args.text)
     if args.pack:
-        return data.token_windows(tokenizer, texts, window=args.max_tokens, n_windows=args.n_texts)
+        return token_windows(tokenizer, texts, window=args.max_tokens, n_windows=args.n_texts)
     return texts[: args.n_texts]
 
 
@@ -62,11 +62,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    model, tokenizer = data.load_model(args.model, arch=args.arch, dtype=DTYPES[args.dtype])
+    model, tokenizer = load_pretrained(args.model, dtype=DTYPES[args.dtype])
     rows = load_rows(args, tokenizer)
-    name = args.model or f"{data.DEFAULT_MODEL} ({args.arch})"
+    name = args.model
     common = dict(max_tokens=args.max_tokens, batch_size=args.batch_size, progress=not args.quiet)
-    summary: dict = {"model": name, "settings": {k: v for k, v in vars(args).items() if k not in ("quiet",)}}
+    summary: dict[str, Any] = {"model": name, "settings": {k: v for k, v in vars(args).items() if k not in ("quiet",)}}
 
     start = time.perf_counter()
     sink = sink_profile(model, tokenizer, rows, keep_ratio=args.keep_ratio, attention=not args.no_attention, **common)

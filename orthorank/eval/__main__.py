@@ -1,9 +1,9 @@
 """``python -m orthorank.eval``: lm-eval-harness tasks on a patched (or dense) model.
 
-    python -m orthorank.eval --sparsity 0.2 --tasks orthorank_wiki --include-path examples/tasks \\
-        --batch-size 8 --limit 100 --output results.json
+    python -m orthorank.eval --model HuggingFaceTB/SmolLM2-135M --sparsity 0.2 --tasks orthorank_wiki \\
+        --include-path benchmarks/tasks --batch-size 8 --limit 100 --output results.json
     python -m orthorank.eval --model HuggingFaceTB/SmolLM2-135M --plan plan.json --tasks hellaswag,arc_easy
-    python -m orthorank.eval --dense --tasks piqa,winogrande
+    python -m orthorank.eval --model HuggingFaceTB/SmolLM2-135M --dense --tasks piqa,winogrande
 
 Prints lm-eval's results table; ``--output`` writes lm-eval's results object plus ``"plan"``.
 """
@@ -18,8 +18,11 @@ from pathlib import Path
 
 import torch
 
-from ..cliargs import DTYPES, fraction, non_negative_int, positive_int
+from ..cliargs import DTYPES, fraction, load_pretrained, non_negative_int, positive_int
 from ..config import DEFAULT_KEEP_RECENT
+from ..patch import patch
+from ..plan import Plan
+from .run import evaluate, require_lm_eval, to_json
 
 logger = logging.getLogger("orthorank.eval")
 
@@ -39,12 +42,12 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m orthorank.eval",
         description="lm-eval-harness on a model patched with orthorank (each row computed as if alone).",
     )
-    p.add_argument("--model", default=None, help="Hub id or local folder (default: the embedded SmolLM2-135M)")
+    p.add_argument("--model", required=True, help="Hub id or local folder")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="parameter dtype (default float32)")
     p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     how = p.add_mutually_exclusive_group(required=True)
     how.add_argument("--sparsity", type=fraction(high_open=True), help="orthorank.patch(model, sparsity=S)")
-    how.add_argument("--plan", type=Path, help="an orthorank plan JSON file (orthorank.Plan.save, examples/plans)")
+    how.add_argument("--plan", type=Path, help="an orthorank plan JSON file (orthorank.Plan.save)")
     how.add_argument("--dense", action="store_true", help="the unpatched model")
     p.add_argument("--keep-recent", type=non_negative_int, default=DEFAULT_KEEP_RECENT,
                    help=f"each row's latest tokens a selection layer updates first (default {DEFAULT_KEEP_RECENT}; 0: score only)")
@@ -64,11 +67,6 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
-    from . import evaluate, require_lm_eval, to_json
-    from .. import patch
-    from ..data import load_model
-    from ..plan import Plan
-
     require_lm_eval()
     from lm_eval.utils import make_table
 
@@ -81,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
         except (OSError, ValueError) as err:
             raise SystemExit(f"--plan {args.plan}: {err}") from err
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model, tokenizer = load_model(args.model, dtype=DTYPES[args.dtype])
+    model, tokenizer = load_pretrained(args.model, dtype=DTYPES[args.dtype])
     model.to(device)
     if plan is not None:
         try:
@@ -106,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     if not result:
         return 0
     result["orthorank"] = {
-        "model": args.model or "smollm2-135m (embedded)",
+        "model": args.model,
         "dtype": args.dtype,
         "device": device,
         "batch_size": args.batch_size,

