@@ -9,10 +9,14 @@ from pathlib import Path
 import pytest
 import torch
 
+import orthorank
+from conftest import left_padded_batch
 from conftest import tiny_model as conftest_tiny_model
 from orthorank import analysis
 from orthorank.analysis import attention, inputs, saturation, sink
 from orthorank.analysis.__main__ import main as cli_main
+from orthorank.config import tokens_to_keep_per_row
+from orthorank.scoring import sink_cosine
 
 HIDDEN = 8
 VOCAB = 16
@@ -78,40 +82,67 @@ def test_make_batches_right_pads_longest_first() -> None:
 
 def test_sink_index_and_candidates_with_left_padding() -> None:
     mask = torch.tensor([[0, 0, 1, 1], [1, 1, 1, 0]])
-    s = sink.sink_index(mask)
+    s = inputs.sink_index(mask)
     assert s.tolist() == [2, 0]
-    assert sink.candidate_mask(mask, s).tolist() == [[False, False, False, True], [False, True, True, False]]
+    assert inputs.candidate_mask(mask, s).tolist() == [[False, False, False, True], [False, True, True, False]]
     with pytest.raises(ValueError):
-        sink.sink_index(torch.tensor([[0, 0]]))
+        inputs.sink_index(torch.tensor([[0, 0]]))
 
 
 def test_cosine_to_sink_known_values() -> None:
     x = torch.tensor([[[2.0, 0.0], [0.0, 5.0], [1.0, 1.0], [-3.0, 0.0]]])
-    cos = sink.cosine_to_sink(x, torch.tensor([0]))
+    cos = sink_cosine(x, torch.tensor([0]))
     torch.testing.assert_close(cos, torch.tensor([[1.0, 0.0, 2**-0.5, -1.0]]))
 
 
 def test_keep_count_rounding_and_bad_ratio() -> None:
-    assert sink.keep_count(1 / 3, torch.tensor([6, 2, 7, 1])).tolist() == [2, 1, 3, 0]
-    assert sink.keep_count(1.0, torch.tensor([5])).tolist() == [4]
+    assert tokens_to_keep_per_row(1 / 3, torch.tensor([6, 2, 7, 1])).tolist() == [2, 1, 3, 0]
+    assert tokens_to_keep_per_row(1.0, torch.tensor([5])).tolist() == [4]
     for bad in (0.0, 1.5, -0.1, "0.3"):
         with pytest.raises(ValueError, match=r"\(0, 1\]"):
-            sink.keep_count(bad, torch.tensor([4]))
+            sink.SinkAccumulator(num_layers=2, keep_ratio=bad)
 
 
-def test_select_orthogonal_picks_smallest_abs_cos_per_row() -> None:
+def with_cosines(cos: torch.Tensor) -> torch.Tensor:
+    """``[batch, seq, 2]`` vectors whose cosine to column 0 (the sink, ``e0``) is ``cos`` (column 0 itself: 1)."""
+    angle = torch.arccos(cos.clamp(-1.0, 1.0))
+    return torch.stack([torch.cos(angle), torch.sin(angle)], dim=-1)
+
+
+def test_select_tokens_picks_smallest_abs_cos_per_row() -> None:
     cos = torch.tensor([[1.0, 0.9, -0.1, 0.5, 0.05, -0.8], [1.0, 0.0, -0.7, 0.2, 0.0, 0.0]])
     mask = torch.tensor([[1, 1, 1, 1, 1, 1], [1, 1, 1, 1, 0, 0]])
-    cand = sink.candidate_mask(mask, sink.sink_index(mask))
-    sel = sink.select_orthogonal(cos, cand, 1 / 3)
+    sel = sink.select_tokens(with_cosines(cos), mask, 1 / 3, keep_recent=0)
     # row 0: 6 tokens -> keep 2: |-0.1| and |0.05|; row 1: 4 real tokens -> keep 2, padding never picked
     assert sel.nonzero().tolist() == [[0, 2], [0, 4], [1, 1], [1, 3]]
+    # keep_recent=1: each row's last real token first, then the smallest |cos|
+    sel = sink.select_tokens(with_cosines(cos), mask, 1 / 3, keep_recent=1)
+    assert sel.nonzero().tolist() == [[0, 4], [0, 5], [1, 1], [1, 3]]
 
 
 def test_selection_overlap_counts() -> None:
     prev = torch.tensor([[True, True, False, False]])
     cur = torch.tensor([[False, True, True, False]])
     assert sink.selection_overlap(prev, cur) == (1, 2)
+
+
+@pytest.mark.parametrize("keep_recent", [0, 3])
+def test_select_tokens_is_what_a_patched_selection_layer_updates(keep_recent: int) -> None:
+    model = conftest_tiny_model(layers=4)
+    orthorank.patch(model, layers=[2], keep_ratio=0.4, keep_recent=keep_recent)
+    ids, mask = left_padded_batch([16, 9], 16)
+    seen: dict[str, torch.Tensor] = {}
+
+    def grab(module: torch.nn.Module, args: tuple, kwargs: dict, out: torch.Tensor) -> None:
+        seen["x"], seen["out"] = args[0].clone(), out.clone()
+
+    handle = model.model.layers[2].register_forward_hook(grab, with_kwargs=True)
+    with torch.no_grad():
+        model(input_ids=ids, attention_mask=mask)
+        normed = model.model.layers[2].input_layernorm(seen["x"])
+    handle.remove()
+    updated = (seen["out"] != seen["x"]).any(-1)
+    assert torch.equal(sink.select_tokens(normed, mask, 0.4, keep_recent), updated)
 
 
 def test_sink_attention_weights_known_values() -> None:

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import orthorank
-from orthorank import compat
+from orthorank import analysis, compat
 
 from conftest import tiny_model
 
@@ -184,3 +184,16 @@ def test_save_pretrained_adapter_files_identical(tmp_path: Path):
     assert names == sorted(p.name for p in (tmp_path / "patched").iterdir())
     match, mismatch, errors = filecmp.cmpfiles(tmp_path / "dense", tmp_path / "patched", names, shallow=False)
     assert mismatch == [] and errors == [] and match == names
+
+
+@pytest.mark.parametrize("task_type", ["CAUSAL_LM", None], ids=["PeftModelForCausalLM", "PeftModel"])
+def test_analysis_sees_the_adapted_layers(task_type):
+    """orthorank.analysis finds the decoder layers inside a PEFT model as patch does: its profile
+    is the merged model's."""
+    model = _peft_model("llama", task_type)
+    merged = copy.deepcopy(model).merge_and_unload()
+    ids = _ids()
+    ours = analysis.sink_profile(model, None, ids, attention=False).to_dict()
+    reference = analysis.sink_profile(merged, None, ids, attention=False).to_dict()
+    for key in ("cos_mean", "abs_cos_mean", "sink_change", "token_change", "overlap"):
+        assert ours[key] == pytest.approx(reference[key], abs=1e-4, nan_ok=True), key

@@ -15,7 +15,8 @@ from typing import Any
 
 import torch
 
-from ..cliargs import DTYPES, fraction, load_pretrained, positive_int
+from ..cliargs import DTYPES, fraction, load_pretrained, non_negative_int, positive_int
+from ..config import DEFAULT_KEEP_RECENT
 from ..text import read_texts, token_windows
 from .plots import plot_saturation_profile, plot_sink_profile
 from .saturation import saturation_profile
@@ -36,6 +37,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-tokens", type=positive_int, default=512, help="tokens per row at most")
     p.add_argument("--pack", action="store_true", help="concatenate texts into full windows of --max-tokens")
     p.add_argument("--keep-ratio", type=fraction(low_open=True), default=1 / 3, help="fraction of tokens a selection keeps")
+    p.add_argument("--keep-recent", type=non_negative_int, default=DEFAULT_KEEP_RECENT,
+                   help=f"each row's latest tokens a selection updates first (default {DEFAULT_KEEP_RECENT}; 0: score only)")
     p.add_argument("--top-k", type=positive_int, default=5, help="ranks followed for saturation")
     p.add_argument("--batch-size", type=positive_int, default=4)
     p.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
@@ -69,7 +72,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     summary: dict[str, Any] = {"model": name, "settings": {k: v for k, v in vars(args).items() if k not in ("quiet",)}}
 
     start = time.perf_counter()
-    sink = sink_profile(model, tokenizer, rows, keep_ratio=args.keep_ratio, attention=not args.no_attention, **common)
+    sink = sink_profile(model, tokenizer, rows, keep_ratio=args.keep_ratio, keep_recent=args.keep_recent,
+                        attention=not args.no_attention, **common)
     sink.meta["model"] = name
     plot_sink_profile(sink, out / "sink_profile.png")
     summary["sink"] = sink.to_dict()

@@ -9,13 +9,12 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from typing import Iterator, Sequence
+from collections.abc import Iterator, Sequence
 
 import torch
 from torch import nn
 
-from .inputs import Batch, decoder_layers, iter_progress, run_decoder
-from .sink import candidate_mask, sink_index
+from .inputs import Batch, candidate_mask, decoder_layers, iter_progress, run_decoder, sink_index
 
 logger = logging.getLogger(__name__)
 

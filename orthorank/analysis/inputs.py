@@ -1,17 +1,23 @@
 """Turning texts into padded batches, and finding the parts of a decoder model the analyses hook.
 
 Rows are right-padded: every real token keeps its natural position (0, 1, 2, ...), the first
-column is each row's sink, and a causal model never lets a real token see padding.
+column is each row's sink, and a causal model never lets a real token see padding. The decoder
+layers, the base model and its final norm are found as :func:`orthorank.patch` finds them
+(:mod:`orthorank.compat`, also inside a PEFT model).
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Iterator, Sequence
+from typing import Any
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
+
+from .. import compat
 
 logger = logging.getLogger(__name__)
 
@@ -96,40 +102,56 @@ def make_batches(
     return batches
 
 
-def decoder_layers(model: nn.Module) -> nn.ModuleList:
-    """The decoder layers of a Llama-style causal LM (``model.model.layers``)."""
-    inner = getattr(model, "model", None)
-    layers = getattr(inner, "layers", None)
-    if not isinstance(layers, nn.ModuleList) or len(layers) == 0:
+def decoder_layers(model: nn.Module) -> list[nn.Module]:
+    """The decoder layers of a Llama-style causal LM, in the order its forward runs them."""
+    try:
+        layers = compat.decoder_layers(model)
+    except TypeError as err:
         raise TypeError(
             f"{type(model).__name__} is not a supported decoder model: expected model.model.layers "
             "(Llama, Mistral and similar architectures)"
-        )
+        ) from err
+    if not layers:
+        raise TypeError(f"{type(model).__name__} has no decoder layers")
     return layers
 
 
 def final_norm_and_head(model: nn.Module) -> tuple[nn.Module, nn.Module]:
     """The final normalization (``model.model.norm``) and the unembedding (``lm_head``)."""
-    norm = getattr(getattr(model, "model", None), "norm", None)
+    decoder_layers(model)
+    norm = getattr(compat.base_model(model), "norm", None)
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     if norm is None or head is None:
         raise TypeError(f"{type(model).__name__} has no model.model.norm / output embeddings for the logit lens")
     return norm, head
 
 
-def iter_progress(items: Sequence, desc: str, enabled: bool) -> Iterator:
-    """``items`` wrapped in a tqdm bar when ``enabled`` (tqdm is imported only then)."""
+def sink_index(attention_mask: torch.Tensor) -> torch.LongTensor:
+    """Column of each row's first real token, ``[batch]``, from a ``[batch, seq]`` 0/1 mask."""
+    real = attention_mask.bool()
+    if not bool(real.any(dim=1).all()):
+        raise ValueError("every row needs at least one real token")
+    return real.int().argmax(dim=1)
+
+
+def candidate_mask(attention_mask: torch.Tensor, sink: torch.Tensor) -> torch.BoolTensor:
+    """``[batch, seq]`` True for real tokens other than the row's sink."""
+    mask = attention_mask.bool().clone()
+    mask[torch.arange(mask.shape[0], device=mask.device), sink] = False
+    return mask
+
+
+def iter_progress(items: Sequence[Any], desc: str, enabled: bool) -> Iterator[Any]:
+    """``items`` wrapped in a tqdm bar when ``enabled``."""
     if not enabled:
         return iter(items)
-    from tqdm.auto import tqdm
-
     return iter(tqdm(items, desc=desc, unit="batch"))
 
 
 def run_decoder(model: nn.Module, batch: Batch) -> None:
     """Run the decoder stack only (``model.model``): the hooks see every layer, no logits are computed."""
     device = model_device(model)
-    model.model(
+    compat.base_model(model)(
         input_ids=batch.input_ids.to(device),
         attention_mask=batch.attention_mask.to(device),
         use_cache=False,

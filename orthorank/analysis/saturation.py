@@ -20,8 +20,9 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
-from .inputs import Batch, decoder_layers, final_norm_and_head, iter_progress, make_batches, model_device
-from .sink import candidate_mask, sink_index
+from .inputs import (
+    Batch, candidate_mask, decoder_layers, final_norm_and_head, iter_progress, make_batches, model_device, sink_index,
+)
 
 logger = logging.getLogger(__name__)
 

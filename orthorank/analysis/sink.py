@@ -8,77 +8,79 @@ q/k/v and of OrthoRank's score). From these it measures
 * how much the sink's state turns from layer ``l-1`` to ``l``: ``1 - cos(h_sink^l, h_sink^{l-1})``
   (a direction change; this equals the change of ``h / rms(h)``, free of each layer's own norm gain),
   next to the same quantity averaged over the other tokens;
-* the overlap of the token sets OrthoRank would select (lowest ``|cos|``, ``keep_ratio`` of a row)
-  in consecutive layers, next to the overlap two random selections of the same sizes would have.
+* the overlap of the token sets a selection layer would update in consecutive layers (the
+  library's own choice: :mod:`orthorank.scoring`, ``keep_ratio`` of a row, the latest
+  ``keep_recent`` tokens first), next to the overlap two random selections of the same sizes would
+  have.
 
-The attention share of the sink comes from a separate eager pass (:mod:`.attention`).
+The cosine is :func:`orthorank.scoring.sink_cosine`, the quantity OrthoRank ranks tokens by (its
+absolute value). The attention share of the sink comes from a separate eager pass
+(:mod:`.attention`).
 """
 
 from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 from torch import nn
 
-from .inputs import Batch, decoder_layers, iter_progress, make_batches, run_decoder
+from ..config import DEFAULT_KEEP_RECENT, tokens_to_keep_per_row
+from ..scoring import prefer_recent, select_padded, sink_cosine, token_scores
+from .attention import sink_attention_profile
+from .inputs import Batch, candidate_mask, decoder_layers, iter_progress, make_batches, run_decoder, sink_index
 
 logger = logging.getLogger(__name__)
 
 QUANTILES = (0.1, 0.25, 0.5, 0.75, 0.9)
 
 
-def sink_index(attention_mask: torch.Tensor) -> torch.LongTensor:
-    """Column of each row's first real token, ``[batch]``, from a ``[batch, seq]`` 0/1 mask."""
-    real = attention_mask.bool()
-    if not bool(real.any(dim=1).all()):
-        raise ValueError("every row needs at least one real token")
-    return real.int().argmax(dim=1)
-
-
-def candidate_mask(attention_mask: torch.Tensor, sink: torch.Tensor) -> torch.BoolTensor:
-    """``[batch, seq]`` True for real tokens other than the row's sink."""
-    mask = attention_mask.bool().clone()
-    mask[torch.arange(mask.shape[0], device=mask.device), sink] = False
-    return mask
-
-
-def cosine_to_sink(x: torch.Tensor, sink: torch.Tensor) -> torch.Tensor:
-    """Cosine of every token with its row's sink, ``[batch, seq]`` float32, for ``x`` ``[batch, seq, hidden]``."""
-    x = x.float()
-    s = x[torch.arange(x.shape[0], device=x.device), sink]
-    return torch.nn.functional.cosine_similarity(x, s[:, None, :], dim=-1, eps=1e-12)
-
-
-def keep_count(keep_ratio: float, n_tokens: torch.Tensor) -> torch.LongTensor:
-    """Tokens kept in a row of ``n_tokens`` real tokens: ``ceil(keep_ratio * n)``, at most ``n - 1``."""
+def check_keep_ratio(keep_ratio: object) -> float:
+    """``keep_ratio`` as a float in (0, 1], else a ValueError."""
     if not isinstance(keep_ratio, (int, float)) or isinstance(keep_ratio, bool) or not 0.0 < keep_ratio <= 1.0:
         raise ValueError(f"keep_ratio must be a float in (0, 1], got {keep_ratio!r}")
-    k = torch.ceil(keep_ratio * n_tokens.double() - 1e-9).long()
-    return torch.minimum(k, n_tokens - 1).clamp_min(0)
+    return float(keep_ratio)
 
 
-def select_orthogonal(cos: torch.Tensor, candidates: torch.Tensor, keep_ratio: float) -> torch.BoolTensor:
-    """OrthoRank's choice: per row, the ``keep_count`` candidates with the smallest ``|cos|``.
+def check_keep_recent(keep_recent: object) -> int:
+    """``keep_recent`` as an int >= 0, else a ValueError."""
+    if isinstance(keep_recent, bool) or not isinstance(keep_recent, int) or keep_recent < 0:
+        raise ValueError(f"keep_recent must be an int >= 0 (tokens), got {keep_recent!r}")
+    return keep_recent
+
+
+def select_tokens(
+    normed: torch.Tensor, attention_mask: torch.Tensor, keep_ratio: float, keep_recent: int = DEFAULT_KEEP_RECENT
+) -> torch.BoolTensor:
+    """The tokens a selection layer with input ``normed`` would update, as ``orthorank.patch`` selects them.
 
     Args:
-        cos: ``[batch, seq]`` cosines to the sink.
-        candidates: ``[batch, seq]`` bool, tokens that may be selected (real, not the sink).
-        keep_ratio: fraction of the row's real tokens (sink included) to keep.
+        normed: the layer's normalized input ``[batch, seq, hidden]``.
+        attention_mask: ``[batch, seq]`` 0/1, 1 for real tokens (padding on either side).
+        keep_ratio: fraction of a row's real tokens (sink included) the layer updates.
+        keep_recent: each row's latest tokens updated first (``0``: by score alone).
 
     Returns:
-        ``[batch, seq]`` bool. Ties are broken by position (stable sort).
+        ``[batch, seq]`` bool: per row, ``tokens_to_keep(keep_ratio, n_real)`` real tokens other
+        than the sink, the latest ``keep_recent`` first, then the smallest ``|cos|`` to the sink
+        (ties to the earlier position).
     """
-    n_real = candidates.sum(dim=1) + 1
-    k = keep_count(keep_ratio, n_real)
-    score = cos.abs().masked_fill(~candidates, math.inf)
-    order = score.argsort(dim=1, stable=True)
-    rank = torch.empty_like(order)
-    rank.scatter_(1, order, torch.arange(cos.shape[1], device=cos.device).expand_as(order))
-    return candidates & (rank < k[:, None])
+    real = attention_mask.to(normed.device).bool()
+    sink = sink_index(real)
+    last = real.shape[1] - 1 - real.flip(1).int().argmax(dim=1)
+    scores = token_scores(normed, sink, "orthogonal")
+    prefer_recent(scores, last + 1, keep_recent, sink)
+    keep = tokens_to_keep_per_row(keep_ratio, real.sum(dim=1))
+    chosen = torch.zeros_like(real)
+    k = int(keep.max())
+    if k == 0:
+        return chosen
+    selection = select_padded(scores, real, sink, keep, k)
+    return chosen.scatter_(1, selection.index, selection.valid)
 
 
 def selection_overlap(previous: torch.Tensor, current: torch.Tensor) -> tuple[int, int]:
@@ -91,7 +93,7 @@ class SinkProfile:
     """Per-layer sink statistics; lists have one entry per decoder layer, NaN where undefined.
 
     Attributes:
-        num_layers, keep_ratio: model depth and the keep ratio used for ``overlap``.
+        num_layers, keep_ratio, keep_recent: model depth and the selection used for ``overlap``.
         n_rows, n_tokens: rows analysed and their real non-sink tokens (the statistics' population).
         cos_mean, abs_cos_mean: mean of ``cos`` and of ``|cos|`` to the sink at each layer's input norm.
         cos_quantiles: ``{"0.1": [...], "0.25": [...], ...}`` quantiles of ``cos`` per layer.
@@ -105,6 +107,7 @@ class SinkProfile:
 
     num_layers: int
     keep_ratio: float
+    keep_recent: int
     n_rows: int
     n_tokens: int
     cos_mean: list[float]
@@ -135,10 +138,10 @@ def _nan_to_none(value: Any) -> Any:
 class SinkAccumulator:
     """Collects the statistics of :class:`SinkProfile` layer by layer, batch by batch."""
 
-    def __init__(self, num_layers: int, keep_ratio: float) -> None:
-        keep_count(keep_ratio, torch.tensor([2]))  # validates keep_ratio
+    def __init__(self, num_layers: int, keep_ratio: float, keep_recent: int = DEFAULT_KEEP_RECENT) -> None:
         self.num_layers = num_layers
-        self.keep_ratio = float(keep_ratio)
+        self.keep_ratio = check_keep_ratio(keep_ratio)
+        self.keep_recent = check_keep_recent(keep_recent)
         self.cos_values: list[list[torch.Tensor]] = [[] for _ in range(num_layers)]
         self.sink_change = torch.zeros(num_layers, dtype=torch.float64)
         self.token_change = torch.zeros(num_layers, dtype=torch.float64)
@@ -149,12 +152,14 @@ class SinkAccumulator:
         self.random_hits = 0.0
         self.random_total = 0.0
         self.sink = torch.zeros(0, dtype=torch.long)
+        self.mask = torch.zeros(0, 0, dtype=torch.long)
         self.candidates = torch.zeros(0, 0, dtype=torch.bool)
         self.prev_h: torch.Tensor | None = None
         self.prev_sel: torch.Tensor | None = None
 
     def start_batch(self, attention_mask: torch.Tensor) -> None:
         """Begin a batch with a ``[batch, seq]`` mask; layers must then be fed in order."""
+        self.mask = attention_mask
         self.sink = sink_index(attention_mask)
         self.candidates = candidate_mask(attention_mask, self.sink)
         self.prev_h = None
@@ -162,7 +167,7 @@ class SinkAccumulator:
         self.n_rows += attention_mask.shape[0]
         self.n_tokens += int(self.candidates.sum())
         m = self.candidates.sum(dim=1).double()
-        k = keep_count(self.keep_ratio, m.long() + 1).double()
+        k = tokens_to_keep_per_row(self.keep_ratio, m.long() + 1).double()
         self.random_hits += float((k * k / m.clamp_min(1)).sum())
         self.random_total += float(k.sum())
 
@@ -170,9 +175,9 @@ class SinkAccumulator:
         """Feed layer ``layer``'s input ``hidden`` and its normalized form ``normed``, both ``[batch, seq, hidden]``."""
         cand = self.candidates.to(hidden.device)
         sink = self.sink.to(hidden.device)
-        cos = cosine_to_sink(normed, sink)
+        cos = sink_cosine(normed, sink)
         self.cos_values[layer].append(cos[cand].cpu())
-        sel = select_orthogonal(cos, cand, self.keep_ratio)
+        sel = select_tokens(normed, self.mask, self.keep_ratio, self.keep_recent)
         h = hidden.float()
         if self.prev_h is not None:
             turn = torch.nn.functional.cosine_similarity(h, self.prev_h, dim=-1, eps=1e-12)  # [batch, seq]
@@ -205,6 +210,7 @@ class SinkAccumulator:
         return SinkProfile(
             num_layers=self.num_layers,
             keep_ratio=self.keep_ratio,
+            keep_recent=self.keep_recent,
             n_rows=self.n_rows,
             n_tokens=self.n_tokens,
             cos_mean=cos_mean,
@@ -221,11 +227,12 @@ class SinkAccumulator:
 
 @torch.no_grad()
 def collect_sink_statistics(
-    model: nn.Module, batches: Sequence[Batch], keep_ratio: float, progress: bool = False
+    model: nn.Module, batches: Sequence[Batch], keep_ratio: float, progress: bool = False,
+    keep_recent: int = DEFAULT_KEEP_RECENT,
 ) -> SinkAccumulator:
     """Run ``model`` on ``batches`` with hooks on every ``input_layernorm``; hooks are removed afterwards."""
     layers = decoder_layers(model)
-    acc = SinkAccumulator(len(layers), keep_ratio)
+    acc = SinkAccumulator(len(layers), keep_ratio, keep_recent)
     handles = []
     for idx, layer in enumerate(layers):
         norm = getattr(layer, "input_layernorm", None)
@@ -248,11 +255,12 @@ def collect_sink_statistics(
 
 def sink_profile(
     model: nn.Module,
-    tokenizer,
+    tokenizer: Any,
     texts: Sequence[str] | torch.Tensor,
     *,
     max_tokens: int = 512,
     keep_ratio: float = 1 / 3,
+    keep_recent: int = DEFAULT_KEEP_RECENT,
     batch_size: int = 4,
     attention: bool = True,
     progress: bool = False,
@@ -265,14 +273,14 @@ def sink_profile(
         texts: texts (one row each, first ``max_tokens`` tokens) or a LongTensor ``[n, seq]``.
         max_tokens: longest row taken from a text.
         keep_ratio: fraction of a row's tokens a selection keeps, for the overlap statistic.
+        keep_recent: each row's latest tokens a selection updates first (as ``orthorank.patch``'s
+            ``keep_recent``; ``0``: by score alone), for the overlap statistic.
         batch_size: rows per forward pass.
         attention: also measure the sink's attention share (an extra pass with eager attention).
         progress: show tqdm bars.
     """
-    from .attention import sink_attention_profile
-
     batches = make_batches(texts, tokenizer, max_tokens=max_tokens, batch_size=batch_size)
-    acc = collect_sink_statistics(model, batches, keep_ratio, progress)
+    acc = collect_sink_statistics(model, batches, keep_ratio, progress, keep_recent)
     share = sink_attention_profile(model, batches, progress=progress) if attention else None
     meta = {"model": getattr(getattr(model, "config", None), "_name_or_path", ""), "max_tokens": max_tokens}
     return acc.result(sink_attention=share, meta=meta)
