@@ -5,7 +5,7 @@ lm-eval's ``HFLM._loglikelihood_tokens`` right-pads the rows of a batch with tok
 attends to the trailing pads), but a patched model ranks every position of the row, pads included:
 pads take selection slots and each row's result depends on what it was batched with.
 
-:class:`MaskedHFLM` changes the smallest thing: ``_model_call`` passes
+:class:`MaskedHFLM` (``HFLM`` with :class:`PaddingMask`) changes the smallest thing: ``_model_call`` passes
 ``attention_mask`` for those batches, so each row is computed as if it were alone. The pad id 0 can
 also be a real token, so a row's length is not read from trailing zeros alone: the requests of each
 ``_loglikelihood_tokens`` call are known, and a padded row's length is the one for which its prefix
@@ -13,16 +13,17 @@ is one of the requested rows (requests that differ only by trailing zeros, which
 ambiguous, are scored in separate calls). ``loglikelihood_rolling`` goes through the same method;
 ``generate_until`` already passes a (left-padding) mask to ``generate``.
 
-This module imports ``lm_eval``; the rest of orthorank never does.
+lm-eval is an optional dependency: importing this module does not import it; :func:`masked_hflm`
+(or reading ``MaskedHFLM`` from this module or from :mod:`orthorank.eval`) does, once.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 from typing import Any
 
 import torch
-from lm_eval.models.huggingface import HFLM
 
 logger = logging.getLogger(__name__)
 
@@ -58,13 +59,16 @@ def unambiguous_groups(rows: list[tuple[int, ...]]) -> list[list[int]]:
     return groups
 
 
-class MaskedHFLM(HFLM):
-    """``HFLM`` that gives the model the padding mask of every right-padded log-likelihood batch.
+class PaddingMask:
+    """Mixed into lm-eval's ``HFLM`` (:func:`masked_hflm`): the model gets the padding mask of
+    every right-padded log-likelihood batch. Batches without padding and encoder-decoder models
+    are passed through to ``HFLM`` unchanged."""
 
-    Construct it as ``HFLM``: ``MaskedHFLM(pretrained=model, tokenizer=tokenizer, batch_size=8)``
-    for an already-loaded (patched or dense) model, or with a model name. Batches without padding
-    and encoder-decoder models are passed through to ``HFLM`` unchanged.
-    """
+    backend: str
+    max_length: int
+    device: torch.device
+    mixed_precision_dtype: torch.dtype | None
+    model: Any
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -143,3 +147,21 @@ class MaskedHFLM(HFLM):
             ),
         ):
             return self.model(input_ids=inps, attention_mask=mask).logits
+
+
+@functools.cache
+def masked_hflm() -> type:
+    """``MaskedHFLM``: lm-eval's ``HFLM`` with :class:`PaddingMask` (imports lm-eval).
+
+    Construct it as ``HFLM``: ``MaskedHFLM(pretrained=model, tokenizer=tokenizer, batch_size=8)``
+    for an already-loaded (patched or dense) model, or with a model name.
+    """
+    from lm_eval.models.huggingface import HFLM  # optional dependency
+
+    return type("MaskedHFLM", (PaddingMask, HFLM), {"__module__": __name__, "__doc__": masked_hflm.__doc__})
+
+
+def __getattr__(name: str) -> Any:
+    if name == "MaskedHFLM":
+        return masked_hflm()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -13,6 +13,7 @@ from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from ..patch import get_plan
+from .adapter import masked_hflm
 
 logger = logging.getLogger(__name__)
 
@@ -99,15 +100,13 @@ def make_task_manager(tasks: Sequence[str], include_path: Any = None) -> Any:
 def lm_eval_model(
     model: nn.Module, tokenizer: PreTrainedTokenizerBase, *, batch_size: int = 1, max_length: int | None = None
 ) -> Any:
-    """The lm-eval model object (:class:`orthorank.eval.adapter.MaskedHFLM`) for a loaded model.
+    """The lm-eval model object (``MaskedHFLM``, :func:`orthorank.eval.adapter.masked_hflm`) for a loaded model.
 
     Pass it to ``lm_eval.simple_evaluate(model=...)`` to use any other lm-eval option.
     """
     require_lm_eval()
-    from .adapter import MaskedHFLM
-
     _check_positive_int("batch_size", batch_size)
-    return MaskedHFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, max_length=max_length)
+    return masked_hflm()(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, max_length=max_length)
 
 
 def evaluate(
