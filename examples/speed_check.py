@@ -20,6 +20,7 @@ import orthorank
 from benchmarks.suite.flops import ideal_decode_speedup, ideal_prefill_speedup
 from benchmarks.suite.speed import median, prefill_peak_memory, speedup, time_decode, time_prefill
 from benchmarks.embedded import load_model, wiki_texts
+from orthorank.plan import default_plan
 from orthorank.text import token_windows
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -63,7 +64,7 @@ def main() -> None:
         methods = {
             "dense": None,
             "orthorank@0": orthorank.Plan((1.0,) * num_layers),
-            "orthorank": orthorank.default_plan(num_layers, args.sparsity),
+            "orthorank": default_plan(num_layers, args.sparsity),
             "layer-removal": removal_plan(num_layers, args.sparsity),
         }
         contexts = [int(c) for c in args.contexts.split(",")]

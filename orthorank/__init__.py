@@ -5,51 +5,32 @@
                                            # shipped, cached, or calibrated on self-generated text)
     model.generate(...)                    # stock generate / pipeline
     orthorank.unpatch(model)               # back to the exact dense model
+
+Everything else lives in the submodules: plans (:mod:`orthorank.plan`: ``layers_plan``,
+``default_plan``), calibration (:mod:`orthorank.calibration`), layer-pruning baselines
+(:mod:`orthorank.baselines`), self-calibration (:mod:`orthorank.selfcalib`), shipped plans
+(:mod:`orthorank.shipped`), the KV budget (:mod:`orthorank.kvcache`), the analysis
+(:mod:`orthorank.analysis`) and lm-eval (:mod:`orthorank.eval`).
 """
 
-from .baselines import random_control, shortgpt_plan, sleb_plan
-from .calibration import SearchConfig, calibrate, plan_at_round
+from .calibration import calibrate
 from .compat import supported_model_types
-from .fingerprint import model_fingerprint
-from .config import DECODE_POLICIES, DEFAULT_KEEP_RATIO, DEFAULT_SPARSITY, SELECTORS, PatchOptions
-from .kvcache import BudgetCache, BudgetConfig
-from .layer import LayerStats
-from .metrics import perplexity
+from .kvcache import BudgetCache
 from .patch import get_plan, is_patched, layer_stats, patch, patched, unpatch
-from .plan import Plan, default_plan, layers_plan
-from .selfcalib import auto_calibrate, self_generated_ids
-from .shipped import save_shipped_plan
+from .plan import Plan
 
 __version__ = "0.1.0"
 
 __all__ = [
     "BudgetCache",
-    "BudgetConfig",
-    "DECODE_POLICIES",
-    "DEFAULT_KEEP_RATIO",
-    "DEFAULT_SPARSITY",
-    "LayerStats",
-    "PatchOptions",
     "Plan",
-    "SELECTORS",
-    "SearchConfig",
-    "auto_calibrate",
+    "__version__",
     "calibrate",
-    "default_plan",
     "get_plan",
     "is_patched",
     "layer_stats",
-    "layers_plan",
-    "model_fingerprint",
     "patch",
     "patched",
-    "perplexity",
-    "plan_at_round",
-    "random_control",
-    "save_shipped_plan",
-    "self_generated_ids",
-    "shortgpt_plan",
-    "sleb_plan",
     "supported_model_types",
     "unpatch",
 ]

@@ -178,10 +178,6 @@ def install_forward(layer: nn.Module, forward: Callable[..., Any]) -> Callable[.
     return previous
 
 
-def is_installed(layer: nn.Module) -> bool:
-    return _ORIGINAL in layer.__dict__
-
-
 def restore_forward(layer: nn.Module) -> None:
     """Undo :func:`install_forward`, also when accelerate hooks were added or removed since.
 
@@ -238,8 +234,6 @@ def find_cache(kwargs: dict[str, Any]) -> Any:
 
 def model_cache_kwarg(model: nn.Module) -> str:
     """Name of the cache keyword of ``model``'s forward (``cache`` from 5.24, ``past_key_values`` before)."""
-    import inspect
-
     params = inspect.signature(type(model).forward).parameters
     return next((name for name in CACHE_KWARGS if name in params), CACHE_KWARGS[-1])
 

@@ -59,7 +59,7 @@ class Recipe:
         seed: seed of the sampling generator.
         removal: the search may also remove layers (levels ``(1, keep_ratio, 0)``); else it only
             makes selection layers (``(1, keep_ratio)``, the paper's search).
-        jumps, shortlist, exclude: see :class:`orthorank.SearchConfig`.
+        jumps, shortlist, exclude: see :class:`orthorank.calibration.SearchConfig`.
         batch_size: windows per forward pass (generation and search).
 
     The defaults were chosen by measurement on the embedded SmolLM2-135M-Instruct at sparsity 0.2

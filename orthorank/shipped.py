@@ -20,9 +20,9 @@ for::
 An entry serves ``patch(model, sparsity=s, keep_ratio=k, selector=sel)`` when its keep ratio
 (within 1e-3) and selector match and either its sparsity (or its plan's) is within half a
 selection step of ``s``, or one of the rounds of its search (``plan.meta["rounds"]``) is:
-then the plan after that round is used (:func:`orthorank.plan_at_round`). How a plan was
-calibrated does not matter. Write entries with :func:`save_shipped_plan` or
-``python -m benchmarks.ship_plans PLAN.json [...]`` (it fingerprints the embedded model by default).
+then the plan after that round is used (:func:`orthorank.calibration.plan_at_round`). How a plan was
+calibrated does not matter. Write entries with :func:`save_shipped_plan` (into a folder you name:
+the package's own ``orthorank/plans`` in a source checkout) or ``python -m benchmarks.ship_plans``.
 """
 
 from __future__ import annotations
@@ -100,9 +100,9 @@ def save_shipped_plan(
     model: nn.Module,
     sparsity: float | None = None,
     *,
+    directory: str | Path,
     keep_ratio: float | None = None,
     description: str | None = None,
-    directory: str | Path | None = None,
 ) -> Path:
     """Add ``plan`` to the shipped plans of ``model`` (replacing an entry with the same request).
 
@@ -111,14 +111,17 @@ def save_shipped_plan(
         sparsity: the ``patch(sparsity=...)`` it answers (default: ``meta["target_sparsity"]``,
             else ``plan.sparsity``).
         keep_ratio: the ``patch(keep_ratio=...)`` it answers (default: :func:`plan_keep_ratio`).
+        directory: the folder to write to (the package reads :data:`SHIPPED_DIR`; never written
+            unless named here).
         description: free text naming the model (kept in the file).
-        directory: where to write (default: the package's ``orthorank/plans``).
 
     Returns:
         The path of the file written.
     """
     if not isinstance(plan, Plan):
         raise TypeError(f"plan must be an orthorank.Plan, got {type(plan).__name__}")
+    if not isinstance(directory, (str, Path)):
+        raise TypeError(f"directory must be a folder (str or Path), got {type(directory).__name__}")
     num_layers = len(compat.decoder_layers(model))
     plan.check_model(num_layers, model.config.model_type)
     if sparsity is None:

@@ -20,6 +20,10 @@ import orthorank
 from benchmarks import ship_plans
 from orthorank import autoplan, plancache, selfcalib, shipped
 from orthorank.calibration import plan_at_round
+from orthorank.fingerprint import model_fingerprint
+from orthorank.plan import layers_plan
+from orthorank.selfcalib import self_generated_ids
+from orthorank.shipped import save_shipped_plan
 
 from conftest import TINY_RECIPE, tiny_model
 from test_layer import KEEP, _dense_layer, _inputs, _run_with_capture, assert_layer_property
@@ -91,32 +95,32 @@ def known_search(extra_losses: list[float], layers: list[int], n: int = 6, dense
 
 def test_fingerprint_is_dtype_stable_and_weight_sensitive():
     model = tiny_model(layers=4)
-    fp = orthorank.model_fingerprint(model)
+    fp = model_fingerprint(model)
     assert len(fp) == 16 and int(fp, 16) >= 0
-    assert orthorank.model_fingerprint(tiny_model(layers=4)) == fp
-    assert orthorank.model_fingerprint(tiny_model(layers=4).to(torch.bfloat16)) == fp
-    assert orthorank.model_fingerprint(tiny_model(layers=4, seed=1)) != fp
-    assert orthorank.model_fingerprint(tiny_model(layers=5)) != orthorank.model_fingerprint(tiny_model(layers=5, seed=1))
+    assert model_fingerprint(tiny_model(layers=4)) == fp
+    assert model_fingerprint(tiny_model(layers=4).to(torch.bfloat16)) == fp
+    assert model_fingerprint(tiny_model(layers=4, seed=1)) != fp
+    assert model_fingerprint(tiny_model(layers=5)) != model_fingerprint(tiny_model(layers=5, seed=1))
     tuned = tiny_model(layers=4)
     with torch.no_grad():
         for p in tuned.model.layers[2].parameters():
             p.mul_(1.05)
-    assert orthorank.model_fingerprint(tuned) != fp
+    assert model_fingerprint(tuned) != fp
     orthorank.patch(model, layers=[1, 2])
-    assert orthorank.model_fingerprint(model) == fp
+    assert model_fingerprint(model) == fp
 
 
 def test_fingerprint_of_offloaded_and_meta_models():
     accelerate = pytest.importorskip("accelerate")
     model = tiny_model(layers=4)
-    fp = orthorank.model_fingerprint(model)
+    fp = model_fingerprint(model)
     accelerate.cpu_offload(model, execution_device=torch.device("cpu"))
     assert model.model.layers[1].self_attn.q_proj.weight.is_meta
-    assert orthorank.model_fingerprint(model) == fp
+    assert model_fingerprint(model) == fp
     with torch.device("meta"):
         empty = tiny_model(layers=4)
     with pytest.raises(ValueError, match="meta device"):
-        orthorank.model_fingerprint(empty)
+        model_fingerprint(empty)
 
 
 # --- self-generated text -----------------------------------------------------------------------
@@ -125,14 +129,14 @@ def test_fingerprint_of_offloaded_and_meta_models():
 def test_self_generated_ids_are_seeded_dense_and_leave_the_global_rng_alone():
     model = tiny_model(layers=4)
     state = torch.get_rng_state()
-    a = orthorank.self_generated_ids(model, 3, 12, seed=5)
+    a = self_generated_ids(model, 3, 12, seed=5)
     assert torch.equal(torch.get_rng_state(), state)
     assert a.shape == (3, 12) and a.dtype == torch.long
     assert (a[:, 0] == model.config.bos_token_id).all() and a.min() >= 0 and a.max() < model.config.vocab_size
-    assert torch.equal(orthorank.self_generated_ids(model, 3, 12, seed=5, batch_size=2), a)
-    assert not torch.equal(orthorank.self_generated_ids(model, 3, 12, seed=6), a)
+    assert torch.equal(self_generated_ids(model, 3, 12, seed=5, batch_size=2), a)
+    assert not torch.equal(self_generated_ids(model, 3, 12, seed=6), a)
     orthorank.patch(model, layers=[1, 2], keep_ratio=0.3)
-    assert torch.equal(orthorank.self_generated_ids(model, 3, 12, seed=5), a)  # sampled densely
+    assert torch.equal(self_generated_ids(model, 3, 12, seed=5), a)  # sampled densely
     assert orthorank.get_plan(model).selection_layers == [1, 2]  # the patch is back
 
 
@@ -145,9 +149,9 @@ def test_start_token_falls_back_to_eos_then_refuses():
     with pytest.raises(ValueError, match="bos_token_id or eos_token_id"):
         selfcalib.start_token(model)
     with pytest.raises(ValueError, match="window"):
-        orthorank.self_generated_ids(tiny_model(layers=2), 2, 1)
+        self_generated_ids(tiny_model(layers=2), 2, 1)
     with pytest.raises(ValueError, match="temperature"):
-        orthorank.self_generated_ids(tiny_model(layers=2), 2, 8, temperature=0.0)
+        self_generated_ids(tiny_model(layers=2), 2, 8, temperature=0.0)
 
 
 # --- patch(sparsity=...) resolution -------------------------------------------------------------
@@ -162,7 +166,7 @@ def test_calibrates_once_then_a_fresh_copy_reads_the_cache(calls):
     assert plan.meta["source"] == "self-generated" and plan.meta["recipe"] == selfcalib.RECIPE.to_dict()
     assert plan.meta["calib_windows"] == TINY_RECIPE["windows"] and plan.meta["calib_seq_len"] == TINY_RECIPE["window"]
     assert plan.expected_ppl_increase == pytest.approx(math.expm1(plan.meta["final_loss"] - plan.meta["dense_loss"]))
-    fp = orthorank.model_fingerprint(model)
+    fp = model_fingerprint(model)
     path = plancache.plan_path(fp, 0.2, THIRD, "orthogonal", selfcalib.RECIPE.key())
     assert path.is_file() and path.is_relative_to(Path(os.environ["ORTHORANK_CACHE"]) / "plans")
     again = orthorank.patch(tiny_model(), sparsity=0.2)
@@ -212,17 +216,17 @@ BAD_FILES = {
 def test_bad_cache_file_is_ignored_with_a_warning_and_rebuilt(kind, fake_calls, caplog):
     calls = fake_calls
     model = tiny_model()
-    fp = orthorank.model_fingerprint(model)
+    fp = model_fingerprint(model)
     key = selfcalib.RECIPE.key()
     path = plancache.plan_path(fp, 0.2, THIRD, "orthogonal", key)
     request = plancache.request_dict(0.2, THIRD, "orthogonal", key)
     path.parent.mkdir(parents=True)
     content = BAD_FILES[kind]
-    good = orthorank.layers_plan(6, [2, 3], THIRD, model_type="llama", method="calibrated")
+    good = layers_plan(6, [2, 3], THIRD, model_type="llama", method="calibrated")
     if content == "OTHER_FP":
         content = json.dumps({**good.to_dict(), "fingerprint": "0" * 16, "request": request})
     elif content == "WRONG_LAYERS":
-        content = json.dumps({**orthorank.layers_plan(8, [2, 3]).to_dict(), "fingerprint": fp, "request": request})
+        content = json.dumps({**layers_plan(8, [2, 3]).to_dict(), "fingerprint": fp, "request": request})
     path.write_bytes(content if isinstance(content, bytes) else content.encode())
     with caplog.at_level("WARNING", logger="orthorank"):
         orthorank.patch(model, sparsity=0.2, progress=False)
@@ -258,11 +262,12 @@ _WRITER = textwrap.dedent(
     from conftest import TINY_RECIPE, tiny_model
     import orthorank
     from orthorank import plancache, selfcalib
+    from orthorank.fingerprint import model_fingerprint
     selfcalib.RECIPE = selfcalib.Recipe(**TINY_RECIPE)
     model = tiny_model()
     orthorank.patch(model, sparsity=0.2, progress=False)
     plan = orthorank.get_plan(model)
-    fp = orthorank.model_fingerprint(model)
+    fp = model_fingerprint(model)
     key = selfcalib.RECIPE.key()
     path = plancache.plan_path(fp, 0.2, 1 / 3, "orthogonal", key)
     request = plancache.request_dict(0.2, 1 / 3, "orthogonal", key)
@@ -289,7 +294,7 @@ def test_two_processes_calibrating_at_once_leave_a_valid_file():
     path = Path(outs[0][0].strip().splitlines()[-1])
     assert Path(outs[1][0].strip().splitlines()[-1]) == path
     model = tiny_model()
-    fp = orthorank.model_fingerprint(model)
+    fp = model_fingerprint(model)
     request = plancache.request_dict(0.2, THIRD, "orthogonal", selfcalib.RECIPE.key())
     plan = plancache.read_plan(path, fp, 6, "llama", request)
     assert plan is not None and plan.meta["i"] == 149 and plan.meta["writer"] in (0, 1)
@@ -302,8 +307,8 @@ def test_two_processes_calibrating_at_once_leave_a_valid_file():
 def test_shipped_plan_is_used_without_calibration(ship_dir, no_calibration):
     model = tiny_model()
     search = known_search([0.01, 0.05, 0.1], [2, 3, 4])
-    written = orthorank.save_shipped_plan(search, model, description="tiny")
-    assert written == ship_dir / f"{orthorank.model_fingerprint(model)}.json"
+    written = save_shipped_plan(search, model, description="tiny", directory=ship_dir)
+    assert written == ship_dir / f"{model_fingerprint(model)}.json"
     data = json.loads(written.read_text())
     assert data["format"] == "orthorank-shipped-plans" and data["plans"][0]["sparsity"] == round(search.sparsity, 4)
     fresh = tiny_model().to(torch.bfloat16)  # same checkpoint, another dtype: same fingerprint
@@ -321,10 +326,10 @@ def test_shipped_plan_comes_before_the_cache_and_bad_shipped_files_are_skipped(s
     orthorank.patch(model, sparsity=0.2, progress=False)
     assert calls == [0.2]
     search = known_search([0.01, 0.05], [4, 1])
-    orthorank.save_shipped_plan(search, model)
+    save_shipped_plan(search, model, directory=ship_dir)
     orthorank.patch(model, sparsity=0.2)
     assert orthorank.get_plan(model) == search and calls == [0.2]
-    (ship_dir / f"{orthorank.model_fingerprint(model)}.json").write_text('{"format": "orthorank-shipped-plans"')
+    (ship_dir / f"{model_fingerprint(model)}.json").write_text('{"format": "orthorank-shipped-plans"')
     with caplog.at_level("WARNING", logger="orthorank"):
         orthorank.patch(model, sparsity=0.2)
     assert orthorank.get_plan(model).meta["origin"] == "cache" and calls == [0.2]
@@ -333,15 +338,21 @@ def test_shipped_plan_comes_before_the_cache_and_bad_shipped_files_are_skipped(s
 
 def test_save_shipped_plan_replaces_the_same_request_and_checks_the_model(ship_dir):
     model = tiny_model()
-    orthorank.save_shipped_plan(known_search([0.01, 0.05], [2, 3]), model)
-    orthorank.save_shipped_plan(known_search([0.02, 0.03], [4, 1]), model)
-    orthorank.save_shipped_plan(known_search([0.02], [4]), model)
-    entries = shipped.read_entries(orthorank.model_fingerprint(model), 6, "llama")
+    save_shipped_plan(known_search([0.01, 0.05], [2, 3]), model, directory=ship_dir)
+    save_shipped_plan(known_search([0.02, 0.03], [4, 1]), model, directory=ship_dir)
+    save_shipped_plan(known_search([0.02], [4]), model, directory=ship_dir)
+    entries = shipped.read_entries(model_fingerprint(model), 6, "llama")
     assert [e["plan"].selection_layers for e in entries] == [[4], [1, 4]]
     with pytest.raises(ValueError, match="8 layers"):
-        orthorank.save_shipped_plan(orthorank.layers_plan(8, [2]), model)
+        save_shipped_plan(layers_plan(8, [2]), model, directory=ship_dir)
     with pytest.raises(ValueError, match="keep ratio"):
-        orthorank.save_shipped_plan(orthorank.Plan((1.0, 0.0, 1.0, 1.0, 1.0, 1.0)), model)
+        save_shipped_plan(orthorank.Plan((1.0, 0.0, 1.0, 1.0, 1.0, 1.0)), model, directory=ship_dir)
+
+
+def test_save_shipped_plan_writes_only_into_a_folder_it_is_given(ship_dir):
+    with pytest.raises(TypeError, match="directory"):
+        save_shipped_plan(known_search([0.01], [2]), tiny_model())  # never into the package by default
+    assert not ship_dir.exists()
 
 
 def test_shipped_cli_writes_entries(tmp_path, ship_dir):
@@ -354,7 +365,7 @@ def test_shipped_cli_writes_entries(tmp_path, ship_dir):
     known_search([0.01, 0.05], [2, 3]).save(plan_file)
     ship_plans.main([str(plan_file), "--model", str(tmp_path / "model"), "--dir", str(tmp_path / "out")])
     (written,) = (tmp_path / "out").iterdir()
-    assert written.name == f"{orthorank.model_fingerprint(model)}.json"
+    assert written.name == f"{model_fingerprint(model)}.json"
     assert shipped.read_entries(written.stem, 6, "llama", tmp_path / "out")[0]["plan"].selection_layers == [2, 3]
 
 
@@ -364,7 +375,7 @@ def test_shipped_cli_writes_entries(tmp_path, ship_dir):
 def test_quality_budget_picks_the_highest_round_within_it(ship_dir, no_calibration):
     model = tiny_model()
     search = known_search([0.01, 0.05, 0.2, 0.4], [2, 3, 4, 1])  # the search to 0.444, the cap on 6 layers
-    orthorank.save_shipped_plan(search, model)
+    save_shipped_plan(search, model, directory=ship_dir)
     for budget, rounds in ((0.005, 0), (0.011, 1), (0.06, 2), (math.expm1(0.2) + 1e-9, 3), (0.5, 4), (3.0, 4)):
         with warnings.catch_warnings():
             warnings.simplefilter("error")  # a budget never warns
@@ -404,7 +415,7 @@ def test_large_expected_increase_warns_and_names_a_sparsity(ship_dir, no_calibra
     with pytest.warns(UserWarning, match=r"about 49%.*sparsity 0\.333 stays under 25%") as record:
         orthorank.patch(model, plan=search)
     assert record[0].filename == __file__  # points at the caller
-    orthorank.save_shipped_plan(search, model)
+    save_shipped_plan(search, model, directory=ship_dir)
     with pytest.warns(UserWarning, match=r"sparsity 0\.333 stays under 25%"):
         orthorank.patch(model, sparsity=0.44)
     with warnings.catch_warnings():
@@ -418,7 +429,7 @@ def test_large_expected_increase_warns_and_names_a_sparsity(ship_dir, no_calibra
 
 
 def test_expected_ppl_increase_of_plans():
-    assert orthorank.layers_plan(6, [2]).expected_ppl_increase is None
+    assert layers_plan(6, [2]).expected_ppl_increase is None
     plan = orthorank.Plan((1.0,) * 4, meta={"dense_loss": 2.0, "final_loss": 2.1})
     assert plan.expected_ppl_increase == pytest.approx(math.exp(0.1) - 1)
     assert orthorank.Plan((1.0,) * 4, meta={"dense_loss": "?", "final_loss": 2.1}).expected_ppl_increase is None

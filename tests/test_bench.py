@@ -17,7 +17,7 @@ from benchmarks.suite.memory import peak_bytes
 from benchmarks.suite.methods import PlanCache, check_methods, model_key
 from benchmarks.suite.report import BenchResults, QualityRow, summary_table
 from benchmarks.suite.settings import BenchSettings, SpeedSettings, torch_dtype
-from orthorank.plan import Plan, layers_plan
+from orthorank.plan import Plan, default_plan, layers_plan
 
 from conftest import VOCAB, tiny_model, tiny_tokenizer
 
@@ -320,7 +320,7 @@ def test_plan_cache_makes_once_and_reloads(tmp_path):
     calib = torch.randint(3, VOCAB, (2, 16))
     cache = PlanCache(tmp_path, None, calib)
     plan = cache.get("orthorank", model, 0.2, calibrated=False)
-    assert plan == orthorank.default_plan(6, 0.2, model_type="llama")
+    assert plan == default_plan(6, 0.2, model_type="llama")
     assert not cache.path("orthorank", 0.2, calibrated=False).exists()  # data-free plans are not cached
     shortgpt = cache.get("shortgpt", model, 0.2)
     path = cache.path("shortgpt", 0.2)

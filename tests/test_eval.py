@@ -29,6 +29,7 @@ from orthorank.config import DEFAULT_KEEP_RECENT  # noqa: E402
 from orthorank.eval import EvalOptions, MaskedHFLM, evaluate, require_lm_eval  # noqa: E402
 from orthorank.eval.__main__ import main  # noqa: E402
 from orthorank.eval.adapter import unambiguous_groups  # noqa: E402
+from orthorank.plan import layers_plan  # noqa: E402
 
 from conftest import VOCAB, tiny_model, tiny_tokenizer  # noqa: E402
 
@@ -237,7 +238,7 @@ def test_cli_dense_and_plan_file(task_dir: Path, tmp_path: Path) -> None:
     common = ["--model", str(model_dir), "--tasks", "tiny_cloze", "--include-path", str(task_dir), "--limit", "4"]
     common += ["--bootstrap-iters", "0", "--batch-size", "4"]
     assert main([*common, "--dense", "--output", str(tmp_path / "dense.json")]) == 0
-    plan = orthorank.layers_plan(6, [2, 3], 0.5, model_type="llama")
+    plan = layers_plan(6, [2, 3], 0.5, model_type="llama")
     plan.save(tmp_path / "plan.json")
     assert main([*common, "--plan", str(tmp_path / "plan.json"), "--output", str(tmp_path / "plan_out.json")]) == 0
     dense, planned = (json.loads((tmp_path / n).read_text()) for n in ("dense.json", "plan_out.json"))

@@ -11,6 +11,7 @@ from transformers import DynamicCache, GPT2Config, GPT2LMHeadModel, pipeline
 
 import orthorank
 from orthorank.layer import SelectiveForward
+from orthorank.plan import layers_plan
 
 from conftest import cache_kwarg, left_padded_batch, tiny_model, tiny_tokenizer
 
@@ -163,7 +164,7 @@ def test_patch_leaves_weights_state_dict_config_and_saved_files_untouched(tmp_pa
         ({"sparsity": 0.2, "layers": [1]}, ValueError, "one of"),
         ({"layers": [1], "selector": "best"}, ValueError, "'orthogonal'"),
         ({"layers": [1], "decode": "sparse"}, ValueError, "'dense', 'bypass'"),
-        ({"plan": orthorank.layers_plan(12, [3])}, ValueError, "12 layers"),
+        ({"plan": layers_plan(12, [3])}, ValueError, "12 layers"),
         ({"plan": [1.0] * 6}, TypeError, "Plan"),
     ],
 )
@@ -223,3 +224,13 @@ def test_zero_length_input_behaves_as_the_dense_model(attn, inputs):
         assert torch.equal(dense[1], patched[1])
     else:
         assert dense[1:] == patched[1:]
+
+
+def test_the_top_level_api_is_small():
+    assert sorted(orthorank.__all__) == [
+        "BudgetCache", "Plan", "__version__", "calibrate", "get_plan", "is_patched", "layer_stats", "patch",
+        "patched", "supported_model_types", "unpatch",
+    ]
+    assert all(hasattr(orthorank, name) for name in orthorank.__all__)
+    assert not hasattr(orthorank, "PatchOptions")
+

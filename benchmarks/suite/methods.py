@@ -2,7 +2,7 @@
 
 * ``dense``: the unpatched model.
 * ``orthorank``: OrthoRank token selection; its layers calibrated with :func:`orthorank.calibration.calibrate`
-  (``calibrated=True``) or the data-free :func:`orthorank.default_plan` (``calibrated=False``, labelled
+  (``calibrated=True``) or the data-free `orthorank.plan.default_plan` (``calibrated=False``, labelled
   ``orthorank-default`` in results).
 * ``sleb``: SLEB layer removal, ``orthorank.baselines.sleb_plan``.
 * ``shortgpt``: ShortGPT layer removal, ``orthorank.baselines.shortgpt_plan``.
