@@ -63,7 +63,7 @@ class Recipe:
         batch_size: windows per forward pass (generation and search).
 
     The defaults were chosen by measurement on the embedded SmolLM2-135M-Instruct at sparsity 0.2
-    (``examples/selfcalib/generation_loss.py``): 8 windows of 128 tokens gave 11 of 16 chat answers
+    (``benchmarks/experiments/generation_loss.py``): 8 windows of 128 tokens gave 11 of 16 chat answers
     right (dense: 14; 2 x 512: 10; 16 x 64: 11) at held-out perplexity within 3% of the plan
     searched on real text, and generate 4x faster than 2 x 512 (one step per token, 8 rows a
     step); sampling at temperature 0.7 or 0.5 gave plans 40-50% worse on held-out text.

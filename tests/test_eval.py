@@ -34,7 +34,7 @@ from orthorank.plan import layers_plan  # noqa: E402
 from conftest import VOCAB, tiny_model, tiny_tokenizer  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-SHIPPED_TASKS = ROOT / "examples" / "tasks"
+SHIPPED_TASKS = ROOT / "benchmarks" / "tasks"
 TASKS = ["tiny_ppl", "tiny_cloze", "tiny_mc"]
 REL = 1e-3
 
@@ -47,7 +47,7 @@ def _words(rng: random.Random, n: int) -> str:
 def task_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Three tiny tasks (rolling perplexity, cloze, 4-way multiple choice) over the tiny vocabulary.
 
-    They use the shipped loader (``examples/tasks/wiki_data.py``) so the data path is relative to
+    They use the shipped loader (``benchmarks/tasks/wiki_data.py``) so the data path is relative to
     the YAML, whatever the current directory. Row lengths vary widely so batches are padded.
     """
     root = tmp_path_factory.mktemp("tasks")

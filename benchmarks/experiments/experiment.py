@@ -1,6 +1,6 @@
 """Which data-free calibration recipe gives plans closest to a plan calibrated on real text?
 
-    OMP_NUM_THREADS=1 python examples/selfcalib/experiment.py --recipes wiki-paper gen-t1.0-2x512-paper ...
+    OMP_NUM_THREADS=1 python -m benchmarks.experiments.experiment --recipes wiki-paper gen-t1.0-2x512-paper ...
 
 Each recipe = calibration ids (wiki ``calib`` windows, or text the model samples itself from its
 BOS token with a seeded generator) + a greedy search (:func:`orthorank.calibration.search_plan`) to
@@ -21,17 +21,18 @@ from pathlib import Path
 
 import torch
 
-from heldout import outside_windows, wiki_eval_windows
 from orthorank.baselines import blocks_to_remove, sleb_plan
 from orthorank.calibration import SearchConfig, closest_round, plan_at_round, search_plan
-from benchmarks.embedded import load_model, wiki_texts
-from orthorank.text import token_windows
 from orthorank.plan import Plan
 from orthorank.runner import LossRunner
+from orthorank.text import token_windows
+
+from benchmarks.embedded import load_model, wiki_texts
+from benchmarks.experiments.heldout import outside_windows, wiki_eval_windows
 
 SEARCHES = {"paper": ((1.0, 1 / 3), False), "hybrid": ((1.0, 1 / 3, 0.0), True)}
 # "<search>x": one search per target sparsity (exact targets) instead of the prefixes of one search
-SAVED = Path(__file__).resolve().parent.parent / "plans"  # saved SLEB / ShortGPT plans (wiki calib 2x512, bf16)
+SAVED = Path(__file__).resolve().parents[1] / "results" / "plans"  # saved SLEB / ShortGPT plans (wiki calib 2x512, bf16)
 CHAT_PROMPT = "Write a long, detailed article about a topic of your choice."
 
 
@@ -85,7 +86,7 @@ def parse_recipe(name: str) -> dict:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--recipes", nargs="+", required=True)
-    p.add_argument("--out", type=Path, default=Path("examples/selfcalib/results"))
+    p.add_argument("--out", type=Path, default=Path("benchmarks/results/selfcalib"))
     p.add_argument("--sparsities", type=float, nargs="+", default=[0.1, 0.2, 0.3])
     args = p.parse_args()
     torch.set_num_threads(1)

@@ -1,14 +1,14 @@
 """Perplexity table of OrthoRank plans and layer-pruning baselines on SmolLM2-135M (wiki text).
 
-    python examples/plans/make_table.py --out examples/plans
-    python examples/plans/make_table.py --heldout     # the README table: saved plans, two held-out sets
+    python -m benchmarks.experiments.make_table --out benchmarks/results/plans
+    python -m benchmarks.experiments.make_table --heldout     # the README table: saved plans, two held-out sets
 
-``--heldout`` evaluates the saved plans ``examples/plans/<row>@<s>.json`` of :data:`HELDOUT_ROWS`
-on the wiki ``eval`` split and on outside prose (``examples/selfcalib/heldout.py``), 4x1024 tokens
+``--heldout`` evaluates the saved plans ``benchmarks/results/plans/<row>@<s>.json`` of :data:`HELDOUT_ROWS`
+on the wiki ``eval`` split and on outside prose (``benchmarks/experiments/heldout.py``), 4x1024 tokens
 each, selection layers as ``patch`` installs them (``keep_recent`` at its default; entries measured
 under another value are measured again): perplexity at every sparsity, and at ``--faithful-at`` the next-token NLL right after a
 prefill of sampled prefixes (8 lengths in [16, 511] x 8 windows) and greedy chat agreement with dense (``benchmarks.suite``). Results
-are cached in ``examples/plans/heldout.json``; the table goes to ``examples/plans/heldout.md``.
+are cached in ``benchmarks/results/plans/heldout.json``; the table goes to ``benchmarks/results/plans/heldout.md``.
 
 Calibration and evaluation windows come from the disjoint ``calib`` / ``eval`` splits of
 :func:`benchmarks.embedded.wiki_texts`. One greedy search to the highest sparsity gives the plans of
@@ -30,10 +30,14 @@ import torch
 from orthorank.baselines import blocks_to_remove, random_control, shortgpt_plan, sleb_plan
 from orthorank.calibration import SearchConfig, closest_round, plan_at_round, search_plan
 from orthorank.config import DEFAULT_KEEP_RECENT as KEEP_RECENT
-from benchmarks.embedded import load_model, wiki_texts
-from orthorank.text import token_windows
+from orthorank.patch import patched
 from orthorank.plan import Plan, default_plan
 from orthorank.runner import LossRunner
+from orthorank.text import token_windows
+
+from benchmarks.embedded import load_model, wiki_texts
+from benchmarks.experiments.heldout import outside_windows, wiki_eval_windows
+from benchmarks.suite import quality, tasks
 
 VARIANTS = {
     # name: (levels, jumps)
@@ -46,7 +50,7 @@ VARIANTS = {
 
 def parse() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", type=Path, default=Path("examples/plans"))
+    p.add_argument("--out", type=Path, default=Path("benchmarks/results/plans"))
     p.add_argument("--sparsities", type=float, nargs="+", default=[0.1, 0.2, 0.3])
     p.add_argument("--calib", type=int, nargs=2, default=[2, 512], metavar=("N", "SEQ"))
     p.add_argument("--eval", type=int, nargs=2, default=[4, 1024], metavar=("N", "SEQ"))
@@ -148,7 +152,7 @@ def write_table(results: dict, path: Path, sparsities: list[float]) -> None:
 
 
 HELDOUT_ROWS = {
-    # row: (label, plan file stem in examples/plans, or None for dense / "default" for the old data-free plan)
+    # row: (label, plan file stem in benchmarks/results/plans, or None for dense / "default" for the old data-free plan)
     "dense": ("dense", None),
     "shipped": ("**new default** `patch(model, sparsity=s)`: shipped plans (paper search on wiki)", "shipped/shipped"),
     "selfcalib": ("self-calibrated: a model no plan is shipped for (its own text, paper search)", "selfcalib"),
@@ -161,17 +165,9 @@ HELDOUT_ROWS = {
 
 def heldout_table(args: argparse.Namespace) -> None:
     """Evaluate saved plans on the two held-out sets; write ``heldout.json`` and ``heldout.md``."""
-    import sys
-
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "selfcalib"))
-    from heldout import outside_windows, wiki_eval_windows
-
-    from benchmarks.suite import quality, tasks
-    from orthorank.patch import patched
-
     log = logging.getLogger("make_table")
     torch.set_num_threads(args.threads)
-    folder = Path(__file__).resolve().parent
+    folder = Path(__file__).resolve().parents[1] / "results" / "plans"
     path = folder / "heldout.json"
     results = json.loads(path.read_text()) if path.is_file() else {}
     model, tok = load_model(None, dtype=getattr(torch, args.dtype))

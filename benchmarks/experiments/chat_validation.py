@@ -5,24 +5,21 @@ Both were picked on the 16 questions of ``benchmarks.suite.tasks.CHAT_ITEMS``; t
 other short questions (greedy, 24 tokens, chat template, left-padded batch) of the dense model and
 of plans at sparsity 0.2 under several ``keep_recent`` values, and counts right answers.
 
-    python examples/selfcalib/chat_validation.py --threads 2 --out examples/selfcalib/results/chat_validation.json
+    python -m benchmarks.experiments.chat_validation --threads 2 --out benchmarks/results/selfcalib/chat_validation.json
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
 import torch
 
+from benchmarks.embedded import load_model
+from benchmarks.experiments.heldout import compared_plans, sweep_keep_recent
 from benchmarks.suite.quality import chat_answers
 from benchmarks.suite.tasks import ChatItem, chat_agreement
-from benchmarks.embedded import load_model
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from heldout import compared_plans, sweep_keep_recent  # noqa: E402
 
 QUESTIONS: tuple[ChatItem, ...] = (
     ChatItem("What is the capital of Italy?", ("Rome",)),

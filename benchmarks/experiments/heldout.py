@@ -19,11 +19,12 @@ from pathlib import Path
 import torch
 
 import orthorank
-from benchmarks.embedded import wiki_texts
-from orthorank.text import token_windows
 from orthorank.plan import Plan
+from orthorank.text import token_windows
 
-SAVED_PLANS = Path(__file__).resolve().parents[1] / "plans"
+from benchmarks.embedded import wiki_texts
+
+SAVED_PLANS = Path(__file__).resolve().parents[1] / "results" / "plans"
 
 OUTSIDE_FILES = (
     "/usr/share/common-licenses/GPL-3",
@@ -53,7 +54,7 @@ def wiki_eval_windows(tokenizer, n: int = 4, window: int = 1024) -> torch.Tensor
 
 def compared_plans(model: torch.nn.Module, specs: list[str], sparsity: float = 0.2) -> dict[str, Plan]:
     """``shipped`` (what ``patch(model, sparsity=...)`` installs), ``self-calibrated`` (the saved
-    ``examples/plans/selfcalib@<sparsity>.json``) and one plan per ``NAME=PLAN.json`` in ``specs``."""
+    ``benchmarks/results/plans/selfcalib@<sparsity>.json``) and one plan per ``NAME=PLAN.json`` in ``specs``."""
     orthorank.patch(model, sparsity=sparsity)
     plans = {"shipped": orthorank.get_plan(model), "self-calibrated": Plan.load(SAVED_PLANS / f"selfcalib@{sparsity}.json")}
     orthorank.unpatch(model)

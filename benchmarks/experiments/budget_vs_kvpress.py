@@ -23,10 +23,10 @@ kvpress is optional: where it is not installed its rows are skipped with a note.
 stopped early still leaves a complete comparison on a shorter text. Run from the repository root
 (``PYTHONPATH=.``), one process per budget, then merge (JSON + plot next to the first file)::
 
-    PYTHONPATH=. python examples/budget_vs_kvpress.py --tokens 640 --budgets 256 \
+    python -m benchmarks.experiments.budget_vs_kvpress --tokens 640 --budgets 256 \
         --policies milestone attention sink_window --headroom-policies \
-        --out examples/results/kvcache/vs_kvpress_256.json
-    python examples/budget_vs_kvpress.py --render examples/results/kvcache/vs_kvpress_*.json
+        --out benchmarks/results/kvcache/vs_kvpress_256.json
+    python -m benchmarks.experiments.budget_vs_kvpress --render benchmarks/results/kvcache/vs_kvpress_*.json
 
 A step costs about 0.08 CPU-seconds, so 7 methods x 600 tokens is about 6 CPU-minutes per budget.
 """
@@ -49,9 +49,10 @@ import torch
 import transformers
 from transformers import DynamicCache
 
-from benchmarks.embedded import load_model, wiki_texts
-from orthorank.text import token_windows
 from orthorank.kvcache import BudgetCache, separator_ids
+from orthorank.text import token_windows
+
+from benchmarks.embedded import load_model, wiki_texts
 
 logger = logging.getLogger("budget_vs_kvpress")
 
@@ -183,7 +184,7 @@ def main() -> None:
     parser.add_argument("--no-full", action="store_true", help="skip the full-cache row")
     parser.add_argument("--no-kvpress", action="store_true")
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results/kvcache/budget_vs_kvpress.json")
+    parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parents[1] / "results" / "kvcache" / "budget_vs_kvpress.json")
     parser.add_argument("--render", type=Path, nargs="+", help="only merge these JSON files: table + plot")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")

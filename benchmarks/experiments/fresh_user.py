@@ -6,7 +6,7 @@ the call calibrates on text the model generates itself. Then a second call on a 
 copy (the cache answers), held-out perplexity of the self-calibrated plan next to the shipped plan
 (the paper's search on wiki text), and chat answers of dense / shipped / self-calibrated.
 
-    python examples/selfcalib/fresh_user.py --threads 2 --out examples/selfcalib/fresh_user.json
+    python -m benchmarks.experiments.fresh_user --threads 2 --out benchmarks/results/selfcalib/fresh_user.json
 """
 
 from __future__ import annotations
@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -23,12 +22,11 @@ import torch
 
 import orthorank
 from orthorank import shipped
-from benchmarks.suite import quality, tasks
-from benchmarks.embedded import default_model_dir, load_model
 from orthorank.runner import LossRunner
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from heldout import outside_windows, wiki_eval_windows  # noqa: E402
+from benchmarks.embedded import default_model_dir, load_model
+from benchmarks.experiments.heldout import outside_windows, wiki_eval_windows
+from benchmarks.suite import quality, tasks
 
 
 def chat(model: torch.nn.Module, tokenizer) -> list[str]:

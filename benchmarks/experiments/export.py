@@ -1,22 +1,22 @@
 """Turn experiment results into the saved plans of the held-out table and the shipped plans.
 
-    python examples/selfcalib/export.py --results examples/selfcalib/results --selfcalib gen-t1.0-2x512-paper
+    python -m benchmarks.experiments.export --results benchmarks/results/selfcalib --selfcalib gen-t1.0-2x512-paper
 
-Writes ``examples/plans/<stem>@<s>.json`` for the rows of ``make_table.py --heldout``:
+Writes ``benchmarks/results/plans/<stem>@<s>.json`` for the rows of ``make_table.py --heldout``:
 
 * ``orthorank-heldout``: the paper search on wiki (recipe ``wiki-paper``, closest prefixes);
 * ``recommended``: per sparsity, the hybrid search to exactly ``s`` (recipe ``wiki-hybridx``) or
-  the SLEB plan of the same sparsity on the same windows (``examples/plans/sleb@<s>.json``),
+  the SLEB plan of the same sparsity on the same windows (``benchmarks/results/plans/sleb@<s>.json``),
   whichever has the lower loss on the 4 held-back calibration windows scored by
   ``validate_choice.py`` (what ``calibrate(versus_removal=True, check_windows=4)`` does);
 * ``shipped/shipped``: the paper search on wiki (selection layers only: in generation, measured by
   the next-token NLL after a prefill and chat agreement, removed layers cost far more than
   perplexity shows), with ``meta["keep_ratio"]`` and ``meta["target_sparsity"]`` for
-  ``python -m orthorank.shipped``;
+  ``python -m benchmarks.ship_plans``;
 * ``selfcalib``: the plans of the chosen data-free recipe.
 
 Held-out perplexities already measured by ``experiment.py`` (same windows, same code) are copied
-into ``examples/plans/heldout.json`` so the table script does not recompute them.
+into ``benchmarks/results/plans/heldout.json`` so the table script does not recompute them.
 """
 
 from __future__ import annotations
@@ -27,12 +27,12 @@ from pathlib import Path
 
 from orthorank.plan import Plan
 
-PLANS = Path(__file__).resolve().parents[1] / "plans"
+PLANS = Path(__file__).resolve().parents[1] / "results" / "plans"
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--results", type=Path, default=Path(__file__).resolve().parent / "results")  # experiment.py --out
+    p.add_argument("--results", type=Path, default=Path(__file__).resolve().parents[1] / "results" / "selfcalib")  # experiment.py --out
     p.add_argument("--selfcalib", default="gen-t1.0-2x512-paper", help="the recipe whose plans a fresh model gets")
     args = p.parse_args()
     table_path = PLANS / "heldout.json"
@@ -79,7 +79,7 @@ def main() -> None:
             for s, measured in res["plans"].items():
                 put(row, row, s, Plan.load(PLANS / f"{row}@{s}.json"), measured)
     hybrid, sleb = load("wiki-hybridx"), load("sleb-saved")
-    check_file = Path(__file__).resolve().parent / "validate_choice.json"
+    check_file = Path(__file__).resolve().parents[1] / "results" / "selfcalib" / "validate_choice.json"
     check = json.loads(check_file.read_text()) if check_file.is_file() else {}
     if hybrid and sleb:
         for s, measured in hybrid["plans"].items():

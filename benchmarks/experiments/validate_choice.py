@@ -1,9 +1,9 @@
 """Does the calibration-loss comparison with SLEB transfer? Losses on calibration text the search did not see.
 
-    OMP_NUM_THREADS=1 python examples/selfcalib/validate_choice.py
+    OMP_NUM_THREADS=1 python -m benchmarks.experiments.validate_choice
 
 The searches used the first 2x512 tokens of the wiki ``calib`` split; this scores the hybrid plans
-(``examples/plans/recommended@s.json``) and the SLEB plans (``sleb@s.json``) on the next 4x512
+(``benchmarks/results/plans/recommended@s.json``) and the SLEB plans (``sleb@s.json``) on the next 4x512
 tokens of the same split (still disjoint from every evaluation set).
 """
 
@@ -14,12 +14,13 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.embedded import load_model, wiki_texts
-from orthorank.text import token_windows
 from orthorank.plan import Plan
 from orthorank.runner import LossRunner
+from orthorank.text import token_windows
 
-PLANS = Path(__file__).resolve().parents[1] / "plans"
+from benchmarks.embedded import load_model, wiki_texts
+
+PLANS = Path(__file__).resolve().parents[1] / "results" / "plans"
 
 if __name__ == "__main__":
     torch.set_num_threads(1)
@@ -31,4 +32,4 @@ if __name__ == "__main__":
             plan = Plan.load(PLANS / f"{stem}@{s}.json")
             out[f"{stem}@{s}"] = {"search_windows_loss": plan.meta.get("final_loss"), "unseen_windows_loss": round(runner.loss(plan), 6)}
             print(f"{stem}@{s}", out[f"{stem}@{s}"], flush=True)
-    (Path(__file__).resolve().parent / "validate_choice.json").write_text(json.dumps(out, indent=1))
+    (Path(__file__).resolve().parents[1] / "results" / "selfcalib" / "validate_choice.json").write_text(json.dumps(out, indent=1))

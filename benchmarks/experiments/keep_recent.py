@@ -1,14 +1,14 @@
 """How many of a prompt's latest tokens should a selection layer update first (``keep_recent``)?
 
 For each plan at sparsity 0.2 (the shipped one, the self-calibrated one in
-``examples/plans/selfcalib@0.2.json``, and optionally more) and each ``keep_recent`` value, measure
+``benchmarks/results/plans/selfcalib@0.2.json``, and optionally more) and each ``keep_recent`` value, measure
 what generation sees: the next-token perplexity right after a prefill (the model sees only the
 prefix; :func:`benchmarks.suite.quality.prefill_next_token_nll`) on short prompts (12 lengths in
 [16, 96]) and long ones (6 lengths in [97, 511]), over 24 windows of 512 tokens (the two halves of
 8 wiki ``eval`` windows and of the 4 outside documents, ``heldout.py``), and the full-window
 perplexity on the held-out sets (4x1024 tokens each).
 
-    python examples/selfcalib/keep_recent.py --threads 2 --out examples/selfcalib/results/keep_recent.json
+    python -m benchmarks.experiments.keep_recent --threads 2 --out benchmarks/results/selfcalib/keep_recent.json
 """
 
 from __future__ import annotations
@@ -16,17 +16,15 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import sys
 from pathlib import Path
 
 import torch
 
-from benchmarks.suite.quality import prefill_next_token_nll
-from benchmarks.embedded import load_model
 from orthorank.metrics import mean_nll
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from heldout import compared_plans, outside_windows, sweep_keep_recent, wiki_eval_windows  # noqa: E402
+from benchmarks.embedded import load_model
+from benchmarks.experiments.heldout import compared_plans, outside_windows, sweep_keep_recent, wiki_eval_windows
+from benchmarks.suite.quality import prefill_next_token_nll
 
 
 def main() -> None:

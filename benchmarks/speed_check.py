@@ -4,7 +4,7 @@ Speed does not depend on WHICH layers a plan picks, only on how many, so this ch
 calibration: OrthoRank uses the data-free default plan and layer removal removes the same number
 of layers SLEB removes at that sparsity (ceil(L x sparsity), the first and last layers kept).
 
-    python examples/speed_check.py --contexts 512,1024,2048,4096 --dtypes bfloat16,float32
+    python -m benchmarks.speed_check --contexts 512,1024,2048,4096 --dtypes bfloat16,float32
 """
 
 from __future__ import annotations
@@ -17,11 +17,12 @@ from pathlib import Path
 import torch
 
 import orthorank
-from benchmarks.suite.flops import ideal_decode_speedup, ideal_prefill_speedup
-from benchmarks.suite.speed import median, prefill_peak_memory, speedup, time_decode, time_prefill
-from benchmarks.embedded import load_model, wiki_texts
 from orthorank.plan import default_plan
 from orthorank.text import token_windows
+
+from benchmarks.embedded import load_model, wiki_texts
+from benchmarks.suite.flops import ideal_decode_speedup, ideal_prefill_speedup
+from benchmarks.suite.speed import median, prefill_peak_memory, speedup, time_decode, time_prefill
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 

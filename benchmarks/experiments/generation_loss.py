@@ -1,6 +1,6 @@
 """Does a calibration loss that matches generation pick better layers for generation?
 
-    OMP_NUM_THREADS=1 python examples/selfcalib/generation_loss.py --recipes gen-p256 wiki-p256 ...
+    OMP_NUM_THREADS=1 python -m benchmarks.experiments.generation_loss --recipes gen-p256 wiki-p256 ...
 
 A recipe is ``<text>[<N>x<SEQ>]-<objective>``: ``text`` is ``wiki`` (windows of the wiki ``calib``
 split) or ``gen`` (text the model samples itself, :func:`orthorank.selfcalib.self_generated_ids`
@@ -22,24 +22,22 @@ import argparse
 import json
 import math
 import re
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from heldout import outside_windows, wiki_eval_windows  # noqa: E402
+from orthorank.calibration import SearchConfig, closest_round, search_plan
+from orthorank.install import plan_installed
+from orthorank.plan import Plan
+from orthorank.runner import LossRunner
+from orthorank.selfcalib import RECIPE, self_generated_ids
+from orthorank.text import token_windows
 
-from benchmarks.suite.quality import chat_answers  # noqa: E402
-from benchmarks.suite.tasks import CHAT_ITEMS, chat_agreement  # noqa: E402
-from orthorank.calibration import SearchConfig, closest_round, search_plan  # noqa: E402
-from benchmarks.embedded import load_model, wiki_texts  # noqa: E402
-from orthorank.text import token_windows  # noqa: E402
-from orthorank.install import plan_installed  # noqa: E402
-from orthorank.plan import Plan  # noqa: E402
-from orthorank.runner import LossRunner  # noqa: E402
-from orthorank.selfcalib import RECIPE, self_generated_ids  # noqa: E402
+from benchmarks.embedded import load_model, wiki_texts
+from benchmarks.experiments.heldout import outside_windows, wiki_eval_windows
+from benchmarks.suite.quality import chat_answers
+from benchmarks.suite.tasks import CHAT_ITEMS, chat_agreement
 
 
 def chat_scores(model, tok, plan: Plan | None, reference: list[list[int]] | None) -> dict:
@@ -60,7 +58,7 @@ def chat_scores(model, tok, plan: Plan | None, reference: list[list[int]] | None
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--recipes", nargs="+", required=True)
-    p.add_argument("--out", type=Path, default=Path("examples/selfcalib/results/generation"))
+    p.add_argument("--out", type=Path, default=Path("benchmarks/results/selfcalib/generation"))
     p.add_argument("--sparsities", type=float, nargs="+", default=[0.1, 0.2, 0.3])
     p.add_argument("--threads", type=int, default=1)
     args = p.parse_args()

@@ -1,0 +1,1 @@
+"""Research scripts behind the measurements in ``benchmarks/results`` (``python -m benchmarks.experiments.NAME``)."""
