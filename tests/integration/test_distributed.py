@@ -23,7 +23,7 @@ import torch.distributed as dist
 
 import orthorank
 
-from conftest import left_padded_batch, tiny_model
+from tests.tiny_models import left_padded_batch, tiny_model
 
 if not (dist.is_available() and dist.is_gloo_available()):
     pytest.skip("torch.distributed with the gloo backend is not available", allow_module_level=True)

@@ -18,8 +18,8 @@ from transformers import DynamicCache
 import orthorank
 from orthorank import hooks
 
-from conftest import tiny_model
-from test_layer import KEEP, RECENT, _dense_layer, _expected_selection, _layer_keys, _run_with_capture
+from tests.tiny_models import tiny_model
+from tests.layer_checks import KEEP, RECENT, _dense_layer, _expected_selection, _layer_keys, _run_with_capture
 
 LAYERS = [1, 3]
 

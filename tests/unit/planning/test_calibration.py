@@ -12,30 +12,7 @@ from orthorank.metrics import mean_nll
 from orthorank.runner import LossRunner
 from orthorank.text import token_windows
 
-from conftest import tiny_model, tiny_tokenizer
-
-CHEAP = 3  # the layer made near-identity
-
-
-def cheap_layer_model(layers: int = 6, arch: str = "llama") -> torch.nn.Module:
-    """A model with large enough weights that every layer matters, except layer CHEAP whose
-    attention and MLP outputs are zero (so skipping it, or any of its tokens, changes nothing)."""
-    model = tiny_model(arch, layers=layers, initializer_range=0.2)
-    with torch.no_grad():
-        model.model.layers[CHEAP].self_attn.o_proj.weight.zero_()
-        model.model.layers[CHEAP].mlp.down_proj.weight.zero_()
-    return model
-
-
-def sampled_ids(model: torch.nn.Module, rows: int = 4, seq: int = 32) -> torch.Tensor:
-    """Text the model itself finds likely: any change to the model raises its loss on it."""
-    torch.manual_seed(0)
-    with torch.no_grad():
-        return model.generate(
-            torch.full((rows, 1), 5), do_sample=True, top_k=0, max_new_tokens=seq - 1, min_new_tokens=seq - 1,
-            pad_token_id=0,
-        )
-
+from tests.tiny_models import CHEAP, cheap_layer_model, sampled_ids, tiny_model, tiny_tokenizer
 
 @pytest.mark.parametrize("arch", ["llama", "mistral"])
 def test_runner_loss_matches_patched_model_with_and_without_reuse(arch):

@@ -25,7 +25,7 @@ from orthorank import compat
 from orthorank.config import tokens_to_keep
 from orthorank.layer import SelectiveForward
 
-from conftest import cache_kwarg, left_padded_batch, tiny_model
+from tests.tiny_models import cache_kwarg, left_padded_batch, tiny_model
 
 QWEN = ["qwen2", "qwen3"]
 LAYERS = [1, 3, 4]

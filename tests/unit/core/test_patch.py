@@ -10,10 +10,12 @@ import torch
 from transformers import DynamicCache, GPT2Config, GPT2LMHeadModel, pipeline
 
 import orthorank
+from orthorank.config import PatchOptions
+from orthorank.install import handle, running_dense
 from orthorank.layer import SelectiveForward
 from orthorank.plan import layers_plan
 
-from conftest import cache_kwarg, left_padded_batch, tiny_model, tiny_tokenizer
+from tests.tiny_models import cache_kwarg, left_padded_batch, tiny_model, tiny_tokenizer
 
 
 def _logits(model, ids, mask=None, position_ids=None):
@@ -224,6 +226,26 @@ def test_zero_length_input_behaves_as_the_dense_model(attn, inputs):
         assert torch.equal(dense[1], patched[1])
     else:
         assert dense[1:] == patched[1:]
+
+
+def test_running_dense_lifts_the_patch_for_a_while():
+    model = tiny_model()
+    ids = torch.randint(3, 97, (1, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        dense = model(input_ids=ids).logits
+        orthorank.patch(model, layers=[1, 2], keep_ratio=0.4, keep_recent=0, decode="bypass")
+        patched = model(input_ids=ids).logits
+        plan = orthorank.get_plan(model)
+        with running_dense(model):
+            assert not orthorank.is_patched(model)
+            torch.testing.assert_close(model(input_ids=ids).logits, dense, rtol=0, atol=0)
+        assert orthorank.get_plan(model) == plan
+        assert handle(model).options == PatchOptions(decode="bypass", keep_recent=0)
+        torch.testing.assert_close(model(input_ids=ids).logits, patched, rtol=0, atol=0)
+    orthorank.unpatch(model)
+    with running_dense(model):  # a dense model stays dense
+        assert not orthorank.is_patched(model)
+    assert not orthorank.is_patched(model)
 
 
 def test_the_top_level_api_is_small():

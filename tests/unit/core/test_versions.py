@@ -15,7 +15,7 @@ import orthorank
 from benchmarks import embedded
 from orthorank import compat
 
-from conftest import cache_kwarg, tiny_model
+from tests.tiny_models import cache_kwarg, tiny_model
 
 
 def test_installed_release_is_in_the_supported_range():

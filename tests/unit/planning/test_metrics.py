@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from orthorank.metrics import mean_nll, perplexity, token_nll
-from conftest import VOCAB, tiny_model
+from tests.tiny_models import VOCAB, tiny_model
 
 
 def test_uniform_logits_give_vocab_size():

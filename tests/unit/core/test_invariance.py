@@ -25,7 +25,7 @@ import torch
 from transformers import DynamicCache
 
 import orthorank
-from conftest import VOCAB, tiny_model
+from tests.tiny_models import VOCAB, tiny_model
 
 ARCHS = ["llama", "mistral", "qwen2", "qwen3"]
 KERNELS = ["eager", "sdpa"]

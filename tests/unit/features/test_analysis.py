@@ -10,8 +10,8 @@ import pytest
 import torch
 
 import orthorank
-from conftest import left_padded_batch
-from conftest import tiny_model as conftest_tiny_model
+from tests.tiny_models import left_padded_batch
+from tests.tiny_models import tiny_model as shared_tiny_model
 from orthorank import analysis
 from orthorank.analysis import attention, inputs, saturation, sink
 from orthorank.analysis.__main__ import main as cli_main
@@ -25,7 +25,7 @@ LAYERS = 3
 
 def tiny_model(arch: str = "llama", seed: int = 0) -> torch.nn.Module:
     extra = {"sliding_window": None} if arch == "mistral" else {}
-    return conftest_tiny_model(
+    return shared_tiny_model(
         arch, "sdpa", layers=LAYERS, seed=seed, vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=16,
         num_attention_heads=2, num_key_value_heads=1, head_dim=4, max_position_embeddings=64,
         tie_word_embeddings=False, **extra,
@@ -128,7 +128,7 @@ def test_selection_overlap_counts() -> None:
 
 @pytest.mark.parametrize("keep_recent", [0, 3])
 def test_select_tokens_is_what_a_patched_selection_layer_updates(keep_recent: int) -> None:
-    model = conftest_tiny_model(layers=4)
+    model = shared_tiny_model(layers=4)
     orthorank.patch(model, layers=[2], keep_ratio=0.4, keep_recent=keep_recent)
     ids, mask = left_padded_batch([16, 9], 16)
     seen: dict[str, torch.Tensor] = {}

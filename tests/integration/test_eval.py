@@ -31,9 +31,9 @@ from orthorank.eval.__main__ import main  # noqa: E402
 from orthorank.eval.adapter import unambiguous_groups  # noqa: E402
 from orthorank.plan import layers_plan  # noqa: E402
 
-from conftest import VOCAB, tiny_model, tiny_tokenizer  # noqa: E402
+from tests.tiny_models import VOCAB, tiny_model, tiny_tokenizer  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 SHIPPED_TASKS = ROOT / "benchmarks" / "tasks"
 TASKS = ["tiny_ppl", "tiny_cloze", "tiny_mc"]
 REL = 1e-3

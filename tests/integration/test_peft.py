@@ -16,7 +16,8 @@ import torch
 import orthorank
 from orthorank import analysis, compat
 
-from conftest import tiny_model
+from tests.layer_checks import _dense_layer, _run_with_capture, assert_layer_property
+from tests.tiny_models import tiny_model
 
 peft = pytest.importorskip("peft")
 
@@ -72,8 +73,6 @@ def test_patched_peft_equals_merged_then_patched(arch, task_type):
 def test_peft_selection_layer_is_the_adapted_dense_layer_where_selected():
     """Layer by layer: ``out == where(selected, adapted_dense_layer(x), x)``, same cache."""
     from transformers import DynamicCache
-
-    from test_layer import _dense_layer, _run_with_capture, assert_layer_property
 
     model = _peft_model()
     inner = model.get_base_model()

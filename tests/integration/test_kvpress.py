@@ -17,8 +17,8 @@ from transformers import DynamicCache
 
 import orthorank
 
-from conftest import cache_kwarg, tiny_model
-from test_layer import KEEP, _layer_keys, _run_with_capture, assert_layer_property
+from tests.layer_checks import KEEP, _layer_keys, _run_with_capture, assert_layer_property
+from tests.tiny_models import cache_kwarg, tiny_model, tiny_tokenizer
 
 kvpress = pytest.importorskip("kvpress")
 
@@ -168,8 +168,6 @@ def test_kvpress_pipeline_on_a_patched_model():
     the question and a greedy answer token by token): the same compressed cache per layer as the
     dense model, and the same answer when only the last layer selects."""
     from transformers import pipeline
-
-    from conftest import tiny_tokenizer
 
     context = " ".join(f"w{3 + (7 * i) % 90}" for i in range(SEQ))
     question = "w5 w9 w11"

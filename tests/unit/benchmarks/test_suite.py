@@ -19,7 +19,7 @@ from benchmarks.suite.report import BenchResults, QualityRow, summary_table
 from benchmarks.suite.settings import BenchSettings, SpeedSettings, torch_dtype
 from orthorank.plan import Plan, default_plan, layers_plan
 
-from conftest import VOCAB, tiny_model, tiny_tokenizer
+from tests.tiny_models import VOCAB, tiny_model, tiny_tokenizer
 
 
 class CharTokenizer:

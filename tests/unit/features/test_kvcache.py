@@ -2,20 +2,16 @@
 
 from __future__ import annotations
 
-import inspect
-
 import pytest
 import torch
-from transformers import DynamicCache, LlamaForCausalLM
+from transformers import DynamicCache
 
 from orthorank.kvcache import POLICIES, BudgetCache, BudgetConfig, BudgetLayer, separator_ids
-from conftest import tiny_model as conftest_tiny_model
 from orthorank.kvcache.policies import attention_hits, eviction_count, page_priority, select_keep
+from tests.tiny_models import CACHE_KW
+from tests.tiny_models import tiny_model as shared_tiny_model
 
 VOCAB = 96
-
-
-CACHE_KW = "cache" if "cache" in inspect.signature(LlamaForCausalLM.forward).parameters else "past_key_values"
 
 
 def kv(cache: object) -> dict[str, object]:
@@ -26,7 +22,7 @@ def kv(cache: object) -> dict[str, object]:
 def tiny_model(arch: str = "llama", attn: str = "sdpa", seed: int = 0) -> torch.nn.Module:
     """Two layers, no sliding window, larger initial weights (attention patterns that matter)."""
     extra = {"sliding_window": None} if arch == "mistral" else {}
-    return conftest_tiny_model(
+    return shared_tiny_model(
         arch, attn, layers=2, seed=seed, vocab_size=VOCAB, intermediate_size=96,
         max_position_embeddings=256, initializer_range=0.2, pad_token_id=None, **extra,
     )

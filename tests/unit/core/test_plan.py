@@ -9,7 +9,7 @@ import pytest
 import orthorank
 from orthorank.plan import PLAN_FORMAT_VERSION, Plan, default_plan, flops_fraction, layers_plan
 
-from conftest import tiny_model
+from tests.tiny_models import tiny_model
 
 
 def test_round_trip_keeps_everything(tmp_path):

@@ -8,8 +8,8 @@ import torch
 from orthorank.baselines import block_influence, blocks_to_remove, random_control, shortgpt_plan, sleb_plan
 from orthorank.plan import Plan, layers_plan
 
-from conftest import tiny_model
-from test_calibration import CHEAP, cheap_layer_model, sampled_ids
+from tests.tiny_models import tiny_model
+from tests.tiny_models import CHEAP, cheap_layer_model, sampled_ids
 
 
 def test_blocks_to_remove_uses_ceil_without_float_error():

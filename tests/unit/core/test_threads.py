@@ -19,9 +19,9 @@ from transformers import TextIteratorStreamer
 
 import orthorank
 from orthorank.kvcache import BudgetCache
-from test_kvcache import CACHE_KW
+from tests.tiny_models import CACHE_KW
 from orthorank.install import forward_context
-from conftest import VOCAB, tiny_model, tiny_tokenizer
+from tests.tiny_models import VOCAB, tiny_model, tiny_tokenizer
 
 N_THREADS = 4
 ROUNDS = 8

@@ -25,8 +25,8 @@ from orthorank.plan import layers_plan
 from orthorank.selfcalib import self_generated_ids
 from orthorank.shipped import save_shipped_plan
 
-from conftest import TINY_RECIPE, tiny_model
-from test_layer import KEEP, _dense_layer, _inputs, _run_with_capture, assert_layer_property
+from tests.layer_checks import KEEP, _dense_layer, _inputs, _run_with_capture, assert_layer_property
+from tests.tiny_models import TINY_RECIPE, tiny_model, tiny_tokenizer
 
 THIRD = 1 / 3
 
@@ -255,11 +255,9 @@ def test_unwritable_cache_warns_and_still_patches(fake_calls, monkeypatch, tmp_p
 
 _WRITER = textwrap.dedent(
     """
-    import sys
-    sys.path.insert(0, {tests!r})
     import torch
     torch.set_num_threads(1)
-    from conftest import TINY_RECIPE, tiny_model
+    from tests.tiny_models import TINY_RECIPE, tiny_model
     import orthorank
     from orthorank import plancache, selfcalib
     from orthorank.fingerprint import model_fingerprint
@@ -280,11 +278,10 @@ _WRITER = textwrap.dedent(
 
 
 def test_two_processes_calibrating_at_once_leave_a_valid_file():
-    tests = str(Path(__file__).parent)
-    root = str(Path(__file__).parent.parent)
+    root = str(Path(__file__).resolve().parents[3])
     env = {**os.environ, "PYTHONPATH": root + os.pathsep + os.environ.get("PYTHONPATH", "")}
     procs = [
-        subprocess.Popen([sys.executable, "-c", _WRITER.format(tests=tests, writer=w)], env=env, cwd=root,
+        subprocess.Popen([sys.executable, "-c", _WRITER.format(writer=w)], env=env, cwd=root,
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         for w in (0, 1)
     ]
@@ -356,8 +353,6 @@ def test_save_shipped_plan_writes_only_into_a_folder_it_is_given(ship_dir):
 
 
 def test_shipped_cli_writes_entries(tmp_path, ship_dir):
-    from conftest import tiny_tokenizer
-
     model = tiny_model()
     model.save_pretrained(tmp_path / "model")
     tiny_tokenizer().save_pretrained(tmp_path / "model")
