@@ -35,6 +35,7 @@ from typing import Any, Callable
 import torch
 from transformers import DynamicCache, LogitsProcessor, LogitsProcessorList
 
+import orthorank
 from orthorank.kvcache import BudgetCache, separator_ids
 from orthorank.text import token_windows
 
@@ -204,8 +205,6 @@ def main() -> None:
             row.pop("tokens")
 
     if not args.skip_composition:
-        import orthorank
-
         prompt = args.compose_prompt
         for prefill in ("dense", "orthorank"):
             if prefill == "orthorank":

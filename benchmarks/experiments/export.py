@@ -25,6 +25,7 @@ import argparse
 import json
 from pathlib import Path
 
+from orthorank.calibration import plan_at_round
 from orthorank.plan import Plan
 
 PLANS = Path(__file__).resolve().parents[1] / "results" / "plans"
@@ -54,8 +55,6 @@ def main() -> None:
         table[f"{row}@{s}"] = entry
 
     def prefix_plan(res: dict, s: str) -> Plan:
-        from orthorank.calibration import plan_at_round
-
         full = Plan.from_dict(res["full_plan"])
         row = res["plans"][s]
         if "plan" in row:

@@ -24,6 +24,7 @@ import orthorank
 from orthorank import compat
 from orthorank.config import tokens_to_keep
 from orthorank.layer import SelectiveForward
+from orthorank.scoring import sink_cosine
 
 from tests.tiny_models import cache_kwarg, left_padded_batch, tiny_model
 
@@ -311,8 +312,6 @@ def test_half_precision_selection_layer_is_dense_where_selected(dtype, arch, att
 
 
 def test_scores_are_float32_for_half_inputs():
-    from orthorank.scoring import sink_cosine
-
     x = torch.randn(2, 16, 64, dtype=torch.float16) * 200  # squares overflow float16
     cos = sink_cosine(x, None)
     assert cos.dtype == torch.float32 and torch.isfinite(cos).all()

@@ -15,7 +15,9 @@ from benchmarks.suite import flops, quality, speed, tasks
 from benchmarks.suite.__main__ import parser, settings_from_args
 from benchmarks.suite.memory import peak_bytes
 from benchmarks.suite.methods import PlanCache, check_methods, model_key
+from benchmarks.suite.profile import PARTS, layer_profile, profile_table
 from benchmarks.suite.report import BenchResults, QualityRow, summary_table
+from benchmarks.suite.runner import measure_quality
 from benchmarks.suite.settings import BenchSettings, SpeedSettings, torch_dtype
 from orthorank.plan import Plan, default_plan, layers_plan
 
@@ -383,8 +385,6 @@ def test_speed_shapes_respect_the_token_cap():
 
 
 def test_layer_profile_covers_every_layer_and_part():
-    from benchmarks.suite.profile import PARTS, layer_profile, profile_table
-
     torch.set_num_threads(1)
     model = tiny_model(layers=3)
     profiles = layer_profile(model, torch.randint(3, VOCAB, (1, 12)), layers_plan(3, [1], 0.5), repeats=1)
@@ -467,8 +467,6 @@ def test_chat_answers_are_greedy_and_agree_with_themselves():
 
 
 def test_measure_quality_reports_the_faithful_metrics_beside_perplexity(tmp_path):
-    from benchmarks.suite.runner import measure_quality
-
     model = tiny_model(layers=6)
     tok = tiny_tokenizer()
     tok.chat_template = CHAT_TEMPLATE

@@ -6,6 +6,7 @@ import pytest
 import torch
 from transformers import DynamicCache
 
+import orthorank
 from orthorank.kvcache import POLICIES, BudgetCache, BudgetConfig, BudgetLayer, separator_ids
 from orthorank.kvcache.policies import attention_hits, eviction_count, page_priority, select_keep
 from tests.tiny_models import CACHE_KW
@@ -347,8 +348,6 @@ def test_separator_ids_from_tokenizer() -> None:
 
 def test_composes_with_orthorank_patch() -> None:
     """OrthoRank prefill + budgeted decode: unlimited budget equals the patched model's own cache."""
-    import orthorank
-
     model = tiny_model()
     orthorank.patch(model, layers=[1])
     try:

@@ -7,7 +7,8 @@ import torch
 
 import orthorank
 from orthorank import compat
-from orthorank.calibration import SearchConfig, calibrate, closest_round, plan_at_round
+from orthorank.baselines import sleb_plan
+from orthorank.calibration import SearchConfig, calibrate, closest_round, plan_at_round, search_plan
 from orthorank.metrics import mean_nll
 from orthorank.runner import LossRunner
 from orthorank.text import token_windows
@@ -175,8 +176,6 @@ def two_cheap_layers_model() -> torch.nn.Module:
 
 
 def test_final_comparison_returns_the_removal_plan_when_its_loss_is_lower():
-    from orthorank.baselines import sleb_plan
-
     model = two_cheap_layers_model()
     ids = sampled_ids(model, rows=2, seq=16)
     # sparsity 1/3: three selection layers (one of them costly) or two removed blocks (both free)
@@ -209,8 +208,6 @@ def test_final_comparison_keeps_the_searched_plan_when_it_is_no_worse():
 
 
 def test_search_resumed_from_a_prefix_reaches_the_target_and_keeps_its_rounds():
-    from orthorank.calibration import search_plan
-
     model = cheap_layer_model()
     ids = sampled_ids(model, rows=2, seq=16)
     runner = LossRunner(model, ids)
