@@ -32,6 +32,7 @@ from torch import nn
 
 from . import compat, plancache, selfcalib, shipped
 from .calibration import SearchConfig, closest_round, plan_at_round, round_sparsities
+from .config import DEFAULT_OBJECTIVE
 from .fingerprint import model_fingerprint
 from .plan import Plan
 
@@ -78,11 +79,13 @@ def _tag(plan: Plan, origin: str) -> Plan:
     return dataclasses.replace(plan, meta={**plan.meta, "origin": origin})
 
 
-def _from_shipped(fp: str, sparsity: float, keep: float, selector: str, n: int, model_type: str | None) -> Plan | None:
+def _from_shipped(
+    fp: str, sparsity: float, keep: float, selector: str, objective: str, n: int, model_type: str | None
+) -> Plan | None:
     tol = step_tolerance(n, keep)
     entries = [
         e for e in shipped.read_entries(fp, n, model_type)
-        if e["selector"] == selector and abs(e["keep_ratio"] - keep) <= _KEEP_MATCH
+        if e["selector"] == selector and e["objective"] == objective and abs(e["keep_ratio"] - keep) <= _KEEP_MATCH
     ]
     for entry in sorted(entries, key=lambda e: abs(e["sparsity"] - sparsity)):
         if abs(entry["sparsity"] - sparsity) <= tol:
@@ -112,17 +115,18 @@ def _from_cache(fp: str, sparsity: float, keep: float, selector: str, key: str, 
 
 
 def resolve_plan(
-    model: nn.Module, sparsity: float, keep_ratio: float, selector: str = "orthogonal", *,
-    cache: bool = True, progress: bool = True,
+    model: nn.Module, sparsity: float, keep_ratio: float, selector: str = "attention",
+    objective: str = DEFAULT_OBJECTIVE, *, cache: bool = True, progress: bool = True,
 ) -> Plan:
-    """The plan for ``model`` at ``sparsity`` > 0: shipped, else cached, else calibrated now (and cached).
+    """The plan for ``model`` at ``sparsity`` > 0 chosen for ``objective``: shipped, else cached,
+    else calibrated now with the objective's recipe (:func:`orthorank.selfcalib.recipe_for`), and cached.
 
     ``plan.meta["origin"]`` says which: ``"shipped"``, ``"cache"`` or ``"calibrated"``.
 
     Raises:
         ValueError: ``sparsity`` out of the recipe's reach on this model (the message gives the limit).
     """
-    recipe = selfcalib.RECIPE
+    recipe = selfcalib.recipe_for(objective)
     n = len(compat.decoder_layers(model))
     model_type = model.config.model_type
     limit = max_sparsity(n, keep_ratio, recipe)
@@ -133,7 +137,7 @@ def resolve_plan(
             f"or last); use sparsity <= {math.floor(limit * 1000) / 1000} or a lower keep_ratio"
         )
     fp = model_fingerprint(model)
-    plan = _from_shipped(fp, sparsity, keep_ratio, selector, n, model_type)
+    plan = _from_shipped(fp, sparsity, keep_ratio, selector, objective, n, model_type)
     if plan is not None:
         logger.info("orthorank: using the plan shipped for this model (fingerprint %s) at sparsity %.3f", fp, sparsity)
         return _tag(plan, "shipped")
@@ -151,9 +155,9 @@ def resolve_plan(
         where = f"cached in {path}" if plancache.write_plan(path, plan, fp, request) else "not cached (see above)"
     increase = plan.expected_ppl_increase
     logger.warning(
-        "orthorank: no plan known for this model at sparsity %.3f, so one was calibrated on %dx%d tokens the model "
-        "generated itself in %.1f s (expected perplexity %+.1f%% on that text); %s",
-        sparsity, recipe.windows, plan.meta["calib_seq_len"], plan.meta["seconds"],
+        "orthorank: no plan known for this model at sparsity %.3f (objective %r), so one was calibrated on %dx%d "
+        "tokens the model generated itself in %.1f s (expected %s %+.1f%% on that text); %s",
+        sparsity, objective, recipe.windows, recipe.window, plan.meta["seconds"], quality_metric(plan),
         100 * (increase or 0.0), where,
     )
     return _tag(plan, "calibrated")
@@ -169,8 +173,8 @@ def check_budget(value: Any) -> float:
 
 
 def budget_plan(
-    model: nn.Module, max_ppl_increase: float, keep_ratio: float, selector: str = "orthogonal", *,
-    cache: bool = True, progress: bool = True,
+    model: nn.Module, max_ppl_increase: float, keep_ratio: float, selector: str = "attention",
+    objective: str = DEFAULT_OBJECTIVE, *, cache: bool = True, progress: bool = True,
 ) -> Plan:
     """The highest-sparsity plan whose calibration perplexity rose at most ``max_ppl_increase``.
 
@@ -179,8 +183,8 @@ def budget_plan(
     """
     budget = check_budget(max_ppl_increase)
     n = len(compat.decoder_layers(model))
-    cap = min(BUDGET_MAX_SPARSITY, max_sparsity(n, keep_ratio, selfcalib.RECIPE))
-    search = resolve_plan(model, cap, keep_ratio, selector, cache=cache, progress=progress)
+    cap = min(BUDGET_MAX_SPARSITY, max_sparsity(n, keep_ratio, selfcalib.recipe_for(objective)))
+    search = resolve_plan(model, cap, keep_ratio, selector, objective, cache=cache, progress=progress)
     increases = round_increases(search)
     if increases is None:
         raise ValueError("the plan found for this model records no search rounds; pass sparsity= instead")
@@ -193,12 +197,20 @@ def budget_plan(
     return plan
 
 
+def quality_metric(plan: Plan) -> str:
+    """What ``plan.expected_ppl_increase`` measures, in words (from the objective it was searched for)."""
+    if plan.meta.get("objective") == "generation":
+        return "perplexity of answers generated after a prompt (half of them recalled from it)"
+    return "perplexity of every token of a text"
+
+
 def report_quality(plan: Plan, *, warn: bool = True, stacklevel: int = 2) -> None:
-    """Log ``plan``'s expected perplexity increase; warn if it exceeds :data:`QUALITY_WARNING`."""
+    """Log ``plan``'s expected quality cost; warn if it exceeds :data:`QUALITY_WARNING`."""
     increase = plan.expected_ppl_increase
     if increase is None:
         return
-    logger.info("orthorank: expected perplexity increase %+.1f%% (on the calibration text)", 100 * increase)
+    metric = quality_metric(plan)
+    logger.info("orthorank: expected %s %+.1f%% (on the calibration text)", metric, 100 * increase)
     if not warn or increase <= QUALITY_WARNING:
         return
     points, increases = round_sparsities(plan), round_increases(plan)
@@ -212,8 +224,8 @@ def report_quality(plan: Plan, *, warn: bool = True, stacklevel: int = 2) -> Non
             if fits else f"no sparsity of its search stays under {QUALITY_WARNING:.0%}"
         )
     warnings.warn(
-        f"orthorank: this plan (sparsity {plan.sparsity:.3f}) raises perplexity on its calibration text by "
-        f"about {increase:.0%}, more than {QUALITY_WARNING:.0%}; {advice}",
+        f"orthorank: this plan (sparsity {plan.sparsity:.3f}) raises the {metric} by about {increase:.0%} "
+        f"on its calibration text, more than {QUALITY_WARNING:.0%}; {advice}",
         UserWarning,
         stacklevel=stacklevel + 1,
     )

@@ -323,6 +323,19 @@ def attention_function(attn: nn.Module) -> tuple[Callable[..., Any], bool]:
     return sdpa_attention_forward, False
 
 
+def sum_over_head_shards(attn: nn.Module, local_heads: int, t: torch.Tensor) -> torch.Tensor:
+    """``t`` summed over the ranks of a tensor-parallel model whose ranks each run
+    ``local_heads`` of the attention's heads (an all-reduce); ``t`` itself when one process runs
+    them all. Scores computed from every head then agree on every rank."""
+    if local_heads >= int(attn.config.num_attention_heads):
+        return t
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(t)
+    return t
+
+
 def sliding_window(attn: nn.Module) -> int | None:
     """The sliding window of this attention module, or ``None`` for full causal attention."""
     if hasattr(attn, "sliding_window"):

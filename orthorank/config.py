@@ -8,8 +8,11 @@ from dataclasses import dataclass
 import torch
 
 #: How a selection layer ranks tokens. ``orthogonal`` is OrthoRank (smallest |cos| to the sink
-#: first); ``least_orthogonal`` is its reverse (an ablation); ``random`` is the control.
-SELECTORS: tuple[str, ...] = ("orthogonal", "least_orthogonal", "random")
+#: first); ``least_orthogonal`` is its reverse (an ablation); ``random`` is the control;
+#: ``attention`` ranks by the attention the prompt's latest tokens pay each token in the layer
+#: itself (query-aware, as LazyLLM / GemFilter rank); ``orthogonal+attention`` interleaves both
+#: rankings.
+SELECTORS: tuple[str, ...] = ("orthogonal", "least_orthogonal", "random", "attention", "orthogonal+attention")
 
 #: What a selection layer does with a forward pass that continues a cache (a decode step, or a
 #: chunk after the first): ``dense`` runs the original layer; ``bypass`` writes the new tokens'
@@ -22,11 +25,26 @@ DEFAULT_KEEP_RATIO: float = 1.0 / 3.0
 #: Default number of each row's last prompt tokens that every selection layer updates first.
 #: The latest tokens of a prompt are the ones generation reads most (the question of a chat turn,
 #: the template tokens that open the answer). Chosen by measurement on the embedded
-#: SmolLM2-135M-Instruct at sparsity 0.2 (``examples/selfcalib/keep_recent.py``, README): the
+#: SmolLM2-135M-Instruct at sparsity 0.2 (``benchmarks/experiments/keep_recent.py``, docs/results.md): the
 #: next-token perplexity right after a prefill falls from 17.3 (last token only) to 14.7 on
 #: prompts of 16-96 tokens and from 17.5 to 14.4 on 97-511 tokens (dense 13.6 / 14.2), chat
 #: answers agree longer with dense, and full-window perplexity moves by under 2.5%.
 DEFAULT_KEEP_RECENT: int = 32
+
+#: What a plan is chosen for. ``generation``: prompts that are prefilled and then generated from
+#: (chat, documents, retrieval, loglikelihoods of short continuations): plans searched on the loss
+#: of answers after a prefill, half of them recalled from the prompt, with the query-aware
+#: ``attention`` selector. ``perplexity``: scoring every token of a text (rolling perplexity):
+#: plans searched on whole-window loss with the paper's ``orthogonal`` selector.
+OBJECTIVES: tuple[str, ...] = ("generation", "perplexity")
+
+#: Default objective of ``orthorank.patch``.
+DEFAULT_OBJECTIVE: str = "generation"
+
+#: The selector and ``keep_recent`` of each objective, used when ``patch`` is not given them.
+#: ``perplexity`` keeps only the last token first: on short documents scored token by token
+#: (lm-eval rolling perplexity, median 113 tokens) ``keep_recent=32`` cost 24% (README, docs).
+OBJECTIVE_DEFAULTS: dict[str, tuple[str, int]] = {"generation": ("attention", 32), "perplexity": ("orthogonal", 1)}
 
 #: Default overall sparsity of ``orthorank.patch(model)``.
 DEFAULT_SPARSITY: float = 0.2

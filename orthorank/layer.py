@@ -20,7 +20,9 @@ from torch import nn
 
 from . import compat, hooks
 from .config import tokens_to_keep, tokens_to_keep_per_row
-from .scoring import Selection, prefer_recent, select_padded, select_uniform, token_scores
+from .scoring import (
+    Selection, prefer_recent, rank_fusion, recent_attention, select_padded, select_uniform, token_scores,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -156,6 +158,9 @@ def _gather(t: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     return t.gather(1, index.unsqueeze(-1).expand(-1, -1, t.shape[-1]))
 
 
+#: Query-aware selectors score tokens by the attention of the prompt's last this many tokens.
+OBSERVED_QUERIES = 16
+
 #: Selected queries are attended in chunks of this many; each chunk reads only the keys up to its
 #: last position, which recovers most of what a causal kernel skips (and bounds the mask's size).
 QUERY_CHUNK = 128
@@ -278,8 +283,8 @@ class SelectiveForward:
             self._generators[device] = torch.Generator(device=device).manual_seed(self.seed)
         return self._generators[device]
 
-    def _choose(self, x: torch.Tensor, state: ForwardState) -> Selection | None:
-        scores = token_scores(x, state.sink, self.selector, self._generator(x.device))
+    def _choose(self, x: torch.Tensor, key: torch.Tensor, state: ForwardState, kwargs: dict[str, Any]) -> Selection | None:
+        scores = self._scores(x, key, state, kwargs)
         if state.real is None:
             n = state.seq if state.prompt is None else state.prompt
             prefer_recent(scores, n, self.keep_recent)
@@ -294,6 +299,38 @@ class SelectiveForward:
             return None
         keep = tokens_to_keep_per_row(self.keep_ratio, state.n_real)
         return select_padded(scores, state.real, state.sink, keep, k)
+
+    def _scores(self, x: torch.Tensor, key: torch.Tensor, state: ForwardState, kwargs: dict[str, Any]) -> torch.Tensor:
+        """``[batch, seq]`` scores of the layer's selector (smaller = more important, all >= -1)."""
+        if self.selector not in ("attention", "orthogonal+attention"):
+            return token_scores(x, state.sink, self.selector, self._generator(x.device))
+        attended = self._attention_scores(x, key, state, kwargs)
+        if self.selector == "attention":
+            return attended
+        return rank_fusion(token_scores(x, state.sink, "orthogonal"), attended)
+
+    def _attention_scores(
+        self, x: torch.Tensor, key: torch.Tensor, state: ForwardState, kwargs: dict[str, Any]
+    ) -> torch.Tensor:
+        """Minus the share of attention each token gets from the prompt's last
+        :data:`OBSERVED_QUERIES` tokens in this layer, ``[batch, seq]`` in [-1, 0]."""
+        attn, batch, device = self.attn, x.shape[0], x.device
+        back = torch.arange(OBSERVED_QUERIES, device=device)
+        if state.real is None:
+            end = state.seq if state.prompt is None else state.prompt
+            cols = (end - 1 - back).expand(batch, -1)
+            valid = cols > 0
+        else:
+            cols = state.last.unsqueeze(1) - back
+            valid = cols > state.sink.unsqueeze(1)
+        cols = cols.clamp_min(0)
+        cos, sin = kwargs["position_embeddings"]
+        query = _rotate(_heads(attn, attn.q_proj, self.q_norm, _gather(x, cols)), _gather(cos, cols), _gather(sin, cols))
+        mass = recent_attention(
+            query, key[:, :, : state.seq], cols, valid, attn.scaling, state.real, compat.sliding_window(attn)
+        )
+        mass = compat.sum_over_head_shards(attn, query.shape[1], mass)
+        return -mass / mass.sum(dim=1, keepdim=True).clamp_min(torch.finfo(mass.dtype).tiny)
 
     def select(self, hidden_states: torch.Tensor, state: ForwardState, kwargs: dict[str, Any]) -> torch.Tensor:
         """``[batch, seq, hidden]`` -> ``[batch, seq, hidden]``, updating only the selected tokens.
@@ -325,7 +362,7 @@ class SelectiveForward:
         (after ``o_proj``); ``(None, None)`` when no token is selected."""
         attn = self.attn
         key, value = self._keys_values(x, kwargs)
-        chosen = self._choose(x, state)
+        chosen = self._choose(x, key, state, kwargs)
         self.stats.selective_calls += 1
         self.stats.tokens += x.shape[0] * x.shape[1]
         if chosen is None:

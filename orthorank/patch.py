@@ -15,7 +15,10 @@ from typing import Any
 from torch import nn
 
 from . import autoplan, compat
-from .config import DEFAULT_KEEP_RATIO, DEFAULT_KEEP_RECENT, DEFAULT_SPARSITY, PatchOptions, check_fraction
+from .config import (
+    DEFAULT_KEEP_RATIO, DEFAULT_OBJECTIVE, DEFAULT_SPARSITY, OBJECTIVE_DEFAULTS, OBJECTIVES, PatchOptions, check_choice,
+    check_fraction,
+)
 from .install import get_plan, handle, install, is_patched, layer_stats, restore, uninstall
 from .plan import Plan, layers_plan
 
@@ -31,6 +34,7 @@ def _make_plan(
     keep_ratio: float,
     plan: Plan | None,
     selector: str,
+    objective: str,
     max_ppl_increase: float | None = None,
     cache: bool = True,
     progress: bool = True,
@@ -56,11 +60,11 @@ def _make_plan(
             raise TypeError("layers must be a sequence of layer indices, e.g. [12, 15, 18]")
         return layers_plan(num_layers, list(layers), keep_ratio, selector=selector, model_type=model_type)
     if max_ppl_increase is not None:
-        return autoplan.budget_plan(model, max_ppl_increase, keep_ratio, selector, cache=cache, progress=progress)
+        return autoplan.budget_plan(model, max_ppl_increase, keep_ratio, selector, objective, cache=cache, progress=progress)
     sparsity = DEFAULT_SPARSITY if sparsity is None else check_fraction("sparsity", sparsity, high_open=True)
     if sparsity == 0.0:
         return Plan((1.0,) * num_layers, selector=selector, model_type=model_type, method="dense")
-    return autoplan.resolve_plan(model, sparsity, keep_ratio, selector, cache=cache, progress=progress)
+    return autoplan.resolve_plan(model, sparsity, keep_ratio, selector, objective, cache=cache, progress=progress)
 
 
 def patch(
@@ -71,9 +75,10 @@ def patch(
     keep_ratio: float = DEFAULT_KEEP_RATIO,
     plan: Plan | None = None,
     max_ppl_increase: float | None = None,
-    selector: str = "orthogonal",
+    objective: str = DEFAULT_OBJECTIVE,
+    selector: str | None = None,
     decode: str = "dense",
-    keep_recent: int = DEFAULT_KEEP_RECENT,
+    keep_recent: int | None = None,
     seed: int = 0,
     cache: bool = True,
     progress: bool = True,
@@ -92,7 +97,15 @@ def patch(
 
     Args:
         keep_ratio: fraction of each row's tokens a selection layer updates, in (0, 1).
-        selector: ``orthogonal`` (OrthoRank), ``least_orthogonal`` or ``random`` (controls).
+        objective: what the plan of ``sparsity`` / ``max_ppl_increase`` is chosen for:
+            ``generation`` (default: prompts prefilled, then generated from; the plans keep what the
+            prompt says) or ``perplexity`` (every token of a text scored, the paper's search).
+            It also sets the defaults of ``selector`` and ``keep_recent``
+            (:data:`orthorank.config.OBJECTIVE_DEFAULTS`: ``attention`` and 32, ``orthogonal`` and 1).
+        selector: ``attention`` (query-aware: the tokens the prompt's latest tokens attend to most
+            in the layer), ``orthogonal`` (OrthoRank: most sink-orthogonal first),
+            ``orthogonal+attention`` (both rankings interleaved), ``least_orthogonal`` or
+            ``random`` (controls). ``selector="orthogonal", keep_recent=0`` is the paper's method.
         decode: what selection layers do in decode steps: ``dense`` (default) or ``bypass``.
         keep_recent: each row's last ``keep_recent`` tokens are selected first (the latest first),
             within the ``keep_ratio`` slots; the last token's output is the next-token prediction
@@ -101,15 +114,18 @@ def patch(
         cache: read and write the plan cache (``$ORTHORANK_CACHE/plans``) when calibrating.
         progress: show progress bars when a plan is calibrated.
 
-    A plan that records its calibration loss logs its expected perplexity increase, and one above
-    25% warns (``UserWarning``) naming a sparsity that stays under. Patching a patched model
+    A plan that records its calibration loss logs its expected quality cost in the objective's own
+    terms (the perplexity of generated answers, or of every token), and one above 25% warns
+    (``UserWarning``) naming a sparsity that stays under. Patching a patched model
     replaces the previous patch (a calibration still measures the dense model). Undo with
     :func:`unpatch`.
     """
     spec = compat.arch_spec(model)
     keep_ratio = check_fraction("keep_ratio", keep_ratio, low_open=True, high_open=True)
-    options = PatchOptions(decode=decode, keep_recent=keep_recent, seed=seed)
-    new_plan = _make_plan(model, sparsity, layers, keep_ratio, plan, selector, max_ppl_increase, cache, progress)
+    default_selector, default_recent = OBJECTIVE_DEFAULTS[check_choice("objective", objective, OBJECTIVES)]
+    selector = default_selector if selector is None else selector
+    options = PatchOptions(decode=decode, keep_recent=default_recent if keep_recent is None else keep_recent, seed=seed)
+    new_plan = _make_plan(model, sparsity, layers, keep_ratio, plan, selector, objective, max_ppl_increase, cache, progress)
     autoplan.report_quality(new_plan, warn=max_ppl_increase is None, stacklevel=2)
     install(model, new_plan, options, spec)
     logger.info("orthorank: %s", new_plan)

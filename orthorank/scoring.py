@@ -44,6 +44,48 @@ def token_scores(
     return -score if selector == "least_orthogonal" else score
 
 
+def recent_attention(
+    query: torch.Tensor, key: torch.Tensor, cols: torch.Tensor, valid: torch.Tensor, scaling: float,
+    real: torch.Tensor | None, window: int | None,
+) -> torch.Tensor:
+    """Attention mass each key receives from a few queries (the prompt's latest tokens), ``[batch, seq]``.
+
+    Args:
+        query: ``[batch, heads, w, head_dim]`` queries of columns ``cols`` (RoPE applied).
+        key: ``[batch, kv_heads, seq, head_dim]`` keys of every column (RoPE applied).
+        cols: ``[batch, w]`` the queries' columns; ``valid`` ``[batch, w]`` which of them count.
+        real: ``[batch, seq]`` real-token mask, or ``None`` without padding.
+        window: sliding window of the attention, or ``None``.
+
+    Each query's causal softmax over the keys (in float32) is summed over heads and queries.
+    """
+    batch, heads, w, dim = query.shape
+    kv_heads, seq = key.shape[1], key.shape[2]
+    q = query.reshape(batch, kv_heads, (heads // kv_heads) * w, dim)
+    logits = torch.matmul(q, key.transpose(-1, -2)).float() * scaling  # [b, kv, g * w, seq]
+    pos = torch.arange(seq, device=key.device)
+    allowed = (pos <= cols.unsqueeze(-1)) & valid.unsqueeze(-1)  # [b, w, seq]
+    if window is not None:
+        allowed &= (cols.unsqueeze(-1) - pos) < window
+    if real is not None:
+        allowed &= real.unsqueeze(1)
+    allowed = allowed.unsqueeze(1).repeat(1, 1, heads // kv_heads, 1)  # [b, 1, g * w, seq]
+    logits = logits.masked_fill(~allowed, -torch.inf)
+    probs = torch.softmax(logits, dim=-1).nan_to_num_(0.0)
+    return probs.sum(dim=(1, 2))
+
+
+def rank_fusion(first: torch.Tensor, second: torch.Tensor) -> torch.Tensor:
+    """Scores ``[batch, seq]`` whose order interleaves two rankings (smaller = more important):
+    a token's score is its better rank in either, so the top ``k`` holds about the top ``k / 2``
+    of each (ties go to ``first``)."""
+    def ranks(s: torch.Tensor) -> torch.Tensor:
+        order = s.argsort(dim=1, stable=True)
+        return torch.empty_like(order).scatter_(1, order, torch.arange(s.shape[1], device=s.device).expand_as(order))
+    r1, r2 = ranks(first), ranks(second)
+    return torch.minimum(r1, r2).float() + 0.5 * (r2 < r1)
+
+
 def prefer_recent(scores: torch.Tensor, end: int | torch.Tensor, recent: int, sink: torch.Tensor | None = None) -> None:
     """Rank each row's ``recent`` tokens before ``end`` ahead of every scored token (in place).
 

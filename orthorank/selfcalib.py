@@ -25,15 +25,16 @@ from transformers import DynamicCache
 
 from . import compat
 from .calibration import SearchConfig, search_plan
-from .config import SELECTORS, check_choice, check_fraction
+from .config import OBJECTIVES, SELECTORS, check_choice, check_fraction
 from .install import running_dense
 from .metrics import check_batch_size
+from .objective import generation_windows
 from .plan import Plan
 from .runner import LossRunner
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["RECIPE", "Recipe", "auto_calibrate", "self_generated_ids", "start_token"]
+__all__ = ["GENERATION_RECIPE", "RECIPE", "Recipe", "auto_calibrate", "recipe_for", "self_generated_ids", "start_token"]
 
 
 def _positive_int(name: str, value: object) -> int:
@@ -61,6 +62,10 @@ class Recipe:
             makes selection layers (``(1, keep_ratio)``, the paper's search).
         jumps, shortlist, exclude: see :class:`orthorank.calibration.SearchConfig`.
         batch_size: windows per forward pass (generation and search).
+        objective: ``perplexity`` searches on the whole-window loss of the generated windows;
+            ``generation`` builds continuation and recall windows from them
+            (:func:`orthorank.objective.generation_windows`, ``prompt_docs``, ``answer``,
+            ``rows``) and searches on the loss of the answers after a prefill of the prompt.
 
     The defaults were chosen by measurement on the embedded SmolLM2-135M-Instruct at sparsity 0.2
     (``benchmarks/experiments/generation_loss.py``): 8 windows of 128 tokens gave 11 of 16 chat answers
@@ -78,6 +83,10 @@ class Recipe:
     shortlist: int | None = 10
     exclude: tuple[int, ...] = (0, -1)
     batch_size: int = 1
+    objective: str = "perplexity"
+    prompt_docs: int = 1
+    answer: int = 64
+    rows: int | None = None
 
     def __post_init__(self) -> None:
         _positive_int("windows", self.windows)
@@ -88,6 +97,10 @@ class Recipe:
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise TypeError(f"seed must be an int, got {type(self.seed).__name__}")
         check_batch_size(self.batch_size)
+        check_choice("objective", self.objective, OBJECTIVES)
+        if self.objective == "generation":  # validates the window sizes
+            generation_windows(torch.zeros(self.windows, self.window, dtype=torch.long), prompt_docs=self.prompt_docs,
+                               answer=self.answer, count=self.rows)
         SearchConfig(0.1, exclude=tuple(self.exclude), jumps=self.jumps, shortlist=self.shortlist)  # validates
 
     def levels(self, keep_ratio: float) -> tuple[float, ...]:
@@ -102,8 +115,20 @@ class Recipe:
         return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()[:10]
 
 
-#: The recipe :func:`auto_calibrate` uses (the only place its constants live).
+#: The recipe of the ``perplexity`` objective (the only place its constants live).
 RECIPE = Recipe()
+
+#: The recipe of the ``generation`` objective: 8 generated documents of 128 tokens; 4 prompts of
+#: two whole documents and half of a third (320 tokens), each scored on 64 answer tokens twice:
+#: the rest of the third document (continuation) and a span of the first (recall). The plans
+#: shipped for the embedded model were searched with it (``benchmarks/ship_plans.py``).
+GENERATION_RECIPE = Recipe(objective="generation", windows=8, window=128, prompt_docs=2, answer=64, rows=4)
+
+
+def recipe_for(objective: str) -> Recipe:
+    """The self-calibration recipe of ``objective`` (one of :data:`orthorank.config.OBJECTIVES`)."""
+    check_choice("objective", objective, OBJECTIVES)
+    return GENERATION_RECIPE if objective == "generation" else RECIPE
 
 
 def _token_id(value: Any) -> int | None:
@@ -238,11 +263,15 @@ def auto_calibrate(
         batch_size=recipe.batch_size, progress=progress,
     )
     generated = time.perf_counter() - started
-    runner = LossRunner(model, ids, batch_size=recipe.batch_size)
+    prompt = None
+    if recipe.objective == "generation":
+        ids, prompt = generation_windows(ids, prompt_docs=recipe.prompt_docs, answer=recipe.answer, count=recipe.rows)
+    runner = LossRunner(model, ids, batch_size=recipe.batch_size, prompt=prompt)
     plan = search_plan(runner, config, progress=progress)
     total = time.perf_counter() - started
     plan.meta.update(
         source="self-generated",
+        objective=recipe.objective,
         recipe=recipe.to_dict(),
         recipe_key=recipe.key(),
         keep_ratio=round(keep_ratio, 6),

@@ -12,13 +12,15 @@ for::
       "num_layers": 30,
       "description": "SmolLM2-135M-Instruct (embedded model)",
       "plans": [
-        {"sparsity": 0.2, "keep_ratio": 0.3333, "selector": "orthogonal", "plan": {<Plan.to_dict()>}},
+        {"sparsity": 0.2, "keep_ratio": 0.3333, "selector": "attention", "objective": "generation",
+         "plan": {<Plan.to_dict()>}},
         ...
       ]
     }
 
-An entry serves ``patch(model, sparsity=s, keep_ratio=k, selector=sel)`` when its keep ratio
-(within 1e-3) and selector match and either its sparsity (or its plan's) is within half a
+An entry serves ``patch(model, sparsity=s, keep_ratio=k, selector=sel, objective=o)`` when its
+keep ratio (within 1e-3), selector and objective match (an entry without ``objective`` is a
+``perplexity`` one) and either its sparsity (or its plan's) is within half a
 selection step of ``s``, or one of the rounds of its search (``plan.meta["rounds"]``) is:
 then the plan after that round is used (:func:`orthorank.calibration.plan_at_round`). How a plan was
 calibrated does not matter. Write entries with :func:`save_shipped_plan` (into a folder you name:
@@ -70,7 +72,7 @@ def plan_keep_ratio(plan: Plan) -> float:
 def read_entries(fingerprint: str, num_layers: int, model_type: str | None, directory: str | Path | None = None) -> list[dict[str, Any]]:
     """The entries shipped for ``fingerprint`` (``[]`` if none; a bad file is skipped with a warning).
 
-    Each entry is ``{"sparsity", "keep_ratio", "selector", "plan": Plan}``.
+    Each entry is ``{"sparsity", "keep_ratio", "selector", "objective", "plan": Plan}``.
     """
     path = shipped_path(fingerprint, directory)
     if not path.is_file():
@@ -87,7 +89,8 @@ def read_entries(fingerprint: str, num_layers: int, model_type: str | None, dire
             plan.check_model(num_layers, model_type)
             entries.append(
                 {"sparsity": float(item["sparsity"]), "keep_ratio": float(item["keep_ratio"]),
-                 "selector": str(item["selector"]), "plan": plan}
+                 "selector": str(item["selector"]), "objective": str(item.get("objective", "perplexity")),
+                 "plan": plan}
             )
     except (OSError, UnicodeDecodeError, ValueError, TypeError, KeyError) as err:
         logger.warning("orthorank: ignoring the shipped plans %s (%s)", path, err)
@@ -141,11 +144,14 @@ def save_shipped_plan(
             data["plans"] = list(old.get("plans", []))
             data["description"] = description or old.get("description", "")
     entry = {"sparsity": round(sparsity, 4), "keep_ratio": round(keep_ratio, 4), "selector": plan.selector,
+             "objective": str(plan.meta.get("objective", "perplexity")),
              "plan": plan.to_dict()}
-    same = (entry["sparsity"], entry["keep_ratio"], entry["selector"])
-    data["plans"] = [e for e in data["plans"] if (e.get("sparsity"), e.get("keep_ratio"), e.get("selector")) != same]
+    def request(e: dict[str, Any]) -> tuple[Any, ...]:
+        return e.get("sparsity"), e.get("keep_ratio"), e.get("selector"), e.get("objective", "perplexity")
+
+    data["plans"] = [e for e in data["plans"] if request(e) != request(entry)]
     data["plans"].append(entry)
-    data["plans"].sort(key=lambda e: (e["selector"], e["keep_ratio"], e["sparsity"]))
+    data["plans"].sort(key=lambda e: (e.get("objective", "perplexity"), e["selector"], e["keep_ratio"], e["sparsity"]))
     atomic_write_text(path, json.dumps(data, indent=2) + "\n")
     logger.info("orthorank: shipped plan %s@%.4f written to %s", plan.method, sparsity, path)
     return path

@@ -1,4 +1,4 @@
-"""Fixtures every test gets: two torch threads, and its own plan cache and self-calibration recipe."""
+"""Fixtures every test gets: two torch threads, and its own plan cache and self-calibration recipes."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import torch
 from benchmarks.embedded import DEFAULT_MODEL
 from orthorank import selfcalib
 from orthorank.plancache import cache_root
-from tests.tiny_models import TINY_RECIPE
+from tests.tiny_models import TINY_GENERATION_RECIPE, TINY_RECIPE
 
 
 @pytest.fixture(autouse=True)
@@ -29,3 +29,4 @@ def _plan_cache(tmp_path_factory, monkeypatch) -> None:
         (root / DEFAULT_MODEL).symlink_to(built, target_is_directory=True)
     monkeypatch.setenv("ORTHORANK_CACHE", str(root))
     monkeypatch.setattr(selfcalib, "RECIPE", selfcalib.Recipe(**TINY_RECIPE))
+    monkeypatch.setattr(selfcalib, "GENERATION_RECIPE", selfcalib.Recipe(**TINY_GENERATION_RECIPE))

@@ -22,7 +22,7 @@ LAYERS: dict[str, tuple[str, ...]] = {
     "low": ("compat", "config", "scoring", "hooks", "layer", "plan", "install"),
     "planning": (
         "metrics", "runner", "calibration", "baselines", "selfcalib", "shipped", "plancache", "fingerprint",
-        "autoplan", "text", "cliargs",
+        "autoplan", "text", "cliargs", "objective",
     ),
     "front": ("patch", ""),  # "" is the package itself (orthorank/__init__.py)
     "features": ("kvcache", "analysis", "eval"),

@@ -19,7 +19,8 @@ from pathlib import Path
 import torch
 
 from ..cliargs import DTYPES, fraction, load_pretrained, non_negative_int, positive_int
-from ..config import DEFAULT_KEEP_RECENT
+from ..config import DEFAULT_OBJECTIVE, OBJECTIVES
+from ..install import handle
 from ..patch import patch
 from ..plan import Plan
 from .run import evaluate, require_lm_eval, to_json
@@ -49,8 +50,10 @@ def build_parser() -> argparse.ArgumentParser:
     how.add_argument("--sparsity", type=fraction(high_open=True), help="orthorank.patch(model, sparsity=S)")
     how.add_argument("--plan", type=Path, help="an orthorank plan JSON file (orthorank.Plan.save)")
     how.add_argument("--dense", action="store_true", help="the unpatched model")
-    p.add_argument("--keep-recent", type=non_negative_int, default=DEFAULT_KEEP_RECENT,
-                   help=f"each row's latest tokens a selection layer updates first (default {DEFAULT_KEEP_RECENT}; 0: score only)")
+    p.add_argument("--objective", choices=OBJECTIVES, default=DEFAULT_OBJECTIVE,
+                   help="what the plan of --sparsity is chosen for (default %(default)s; perplexity: rolling perplexity)")
+    p.add_argument("--keep-recent", type=non_negative_int, default=None,
+                   help="each row's latest tokens a selection layer updates first (default: the objective's; 0: score only)")
     p.add_argument("--tasks", required=True, help="comma-separated lm-eval task or group names")
     p.add_argument("--include-path", action="append", default=None, help="folder of extra task YAMLs (repeatable)")
     p.add_argument("--batch-size", type=positive_int, default=1, help="rows per forward (default 1)")
@@ -83,11 +86,11 @@ def main(argv: list[str] | None = None) -> int:
     model.to(device)
     if plan is not None:
         try:
-            patch(model, plan=plan, keep_recent=args.keep_recent)
+            patch(model, plan=plan, objective=args.objective, keep_recent=args.keep_recent)
         except ValueError as err:
             raise SystemExit(f"--plan {args.plan}: {err}") from err
     elif not args.dense:
-        patch(model, sparsity=args.sparsity, keep_recent=args.keep_recent)
+        patch(model, sparsity=args.sparsity, objective=args.objective, keep_recent=args.keep_recent)
     start = time.perf_counter()
     result = evaluate(
         model,
@@ -108,7 +111,8 @@ def main(argv: list[str] | None = None) -> int:
         "dtype": args.dtype,
         "device": device,
         "batch_size": args.batch_size,
-        "keep_recent": None if args.dense else args.keep_recent,
+        "objective": None if args.dense else args.objective,
+        "keep_recent": None if args.dense else handle(model).options.keep_recent,
         "limit": args.limit,
         "threads": torch.get_num_threads(),
         "seconds": round(time.perf_counter() - start, 1),

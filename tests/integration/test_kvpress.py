@@ -61,7 +61,7 @@ def test_prefill_press_compresses_selection_layers_as_dense_ones(name, attn):
     with PRESSES[name]()(model), torch.no_grad():
         model(ids, use_cache=True, **{cache_kwarg(model.model.layers[0]): dense_cache})
 
-    orthorank.patch(model, layers=LAYERS, keep_ratio=KEEP)
+    orthorank.patch(model, layers=LAYERS, keep_ratio=KEEP, selector="orthogonal")
     press = PRESSES[name]()
     cache = DynamicCache(config=model.config)
     with press(model):
@@ -95,7 +95,7 @@ def test_generation_under_a_press_equals_dense_when_the_last_layer_selects(name)
     prompt = _ids()
     dense_seq, dense_scores, dense_stored = _generate(tiny_model(), make(), prompt)
     model = tiny_model()  # a fresh instance: presses keep state on the attention modules
-    orthorank.patch(model, layers=[5], keep_ratio=KEEP)
+    orthorank.patch(model, layers=[5], keep_ratio=KEEP, selector="orthogonal")
     seq, scores, stored = _generate(model, make(), prompt)
     assert orthorank.layer_stats(model)[5].selective_calls == 1
     assert stored == dense_stored
@@ -113,10 +113,10 @@ def test_decoding_press_compresses_selection_layers_as_dense_ones(decode):
     prompt = _ids(seq=16)
     dense_seq, dense_scores, dense_stored = _generate(model, _decoding_press(), prompt, new_tokens=10)
     assert max(dense_stored) < 16 + 10, "the press must have compressed"
-    orthorank.patch(model, layers=LAYERS, keep_ratio=KEEP, decode=decode)
+    orthorank.patch(model, layers=LAYERS, keep_ratio=KEEP, decode=decode, selector="orthogonal")
     _, _, stored = _generate(model, _decoding_press(), prompt, new_tokens=10)
     assert stored == dense_stored
-    orthorank.patch(model, layers=[5], keep_ratio=KEEP, decode=decode)
+    orthorank.patch(model, layers=[5], keep_ratio=KEEP, decode=decode, selector="orthogonal")
     seq, scores, stored = _generate(model, _decoding_press(), prompt, new_tokens=10)
     assert stored == dense_stored
     if decode == "dense":
@@ -131,7 +131,7 @@ def test_observed_attention_press_is_refused_with_a_named_warning(caplog):
     press = kvpress.ObservedAttentionPress(compression_ratio=0.5)
     with press(model), torch.no_grad():  # works on the dense model
         model(_ids(), use_cache=True, **{cache_kwarg(model.model.layers[0]): DynamicCache(config=model.config)})
-    orthorank.patch(model, layers=LAYERS, keep_ratio=KEEP)
+    orthorank.patch(model, layers=LAYERS, keep_ratio=KEEP, selector="orthogonal")
     with caplog.at_level(logging.WARNING, logger="orthorank.hooks"), press(model), torch.no_grad():
         with pytest.raises(AssertionError, match="eager"):
             model(_ids(), use_cache=True, **{cache_kwarg(model.model.layers[0]): DynamicCache(config=model.config)})
@@ -145,12 +145,12 @@ def test_head_wise_press_state_does_not_leak_into_the_next_prompt():
     that wrapper, so it clears it itself: a later generation without a press is not masked."""
     prompt, other = _ids(), _ids(seed=7)
     model = tiny_model()
-    orthorank.patch(model, layers=[5], keep_ratio=KEEP)
+    orthorank.patch(model, layers=[5], keep_ratio=KEEP, selector="orthogonal")
     _generate(model, kvpress.AdaKVPress(kvpress.KnormPress(compression_ratio=0.5)), prompt)
     assert model.model.layers[5].self_attn.masked_key_indices is not None
     seq, scores, _ = _generate(model, _NoPress(), other)
     fresh = tiny_model()
-    orthorank.patch(fresh, layers=[5], keep_ratio=KEEP)
+    orthorank.patch(fresh, layers=[5], keep_ratio=KEEP, selector="orthogonal")
     ref_seq, ref_scores, _ = _generate(fresh, _NoPress(), other)
     assert torch.equal(seq, ref_seq)
     torch.testing.assert_close(scores, ref_scores, atol=1e-6, rtol=1e-5)
@@ -182,8 +182,8 @@ def test_kvpress_pipeline_on_a_patched_model():
     dense_answer, dense_stored = answer(tiny_model())
     assert dense_answer and max(dense_stored) < SEQ
     model = tiny_model()
-    orthorank.patch(model, layers=LAYERS, keep_ratio=KEEP)
+    orthorank.patch(model, layers=LAYERS, keep_ratio=KEEP, selector="orthogonal")
     assert answer(model)[1] == dense_stored
-    orthorank.patch(model, layers=[5], keep_ratio=KEEP)
+    orthorank.patch(model, layers=[5], keep_ratio=KEEP, selector="orthogonal")
     assert answer(model) == (dense_answer, dense_stored)
     assert orthorank.layer_stats(model)[5].selective_calls == 1

@@ -56,7 +56,7 @@ def test_patched_peft_equals_merged_then_patched(arch, task_type):
     dense = _logits(model, ids)
     merged = copy.deepcopy(model).merge_and_unload()
     assert not isinstance(merged, type(model))
-    orthorank.patch(model, layers=LAYERS, keep_ratio=KEEP)
+    orthorank.patch(model, layers=LAYERS, keep_ratio=KEEP)  # the default, query-aware selector
     orthorank.patch(merged, layers=LAYERS, keep_ratio=KEEP)
     assert orthorank.is_patched(model) and orthorank.get_plan(model).selection_layers == LAYERS
     ours = _logits(model, ids)
@@ -77,7 +77,7 @@ def test_peft_selection_layer_is_the_adapted_dense_layer_where_selected():
     model = _peft_model()
     inner = model.get_base_model()
     ids = _ids(batch=1, seq=20)
-    orthorank.patch(model, layers=LAYERS, keep_ratio=0.4)
+    orthorank.patch(model, layers=LAYERS, keep_ratio=0.4, selector="orthogonal")
     cache = DynamicCache(config=inner.config)
     captured = _run_with_capture(inner, ids, None, torch.arange(20)[None], cache)
     real = torch.ones(ids.shape, dtype=torch.bool)
@@ -99,7 +99,7 @@ def test_adapters_run_in_selection_layers():
     ]
     handles += [getattr(layer.mlp, name).register_forward_hook(lambda m, a, o, name=name: calls.append(name))
                 for name in ("gate_proj", "up_proj", "down_proj")]
-    with orthorank.patched(model, layers=LAYERS, keep_ratio=KEEP):
+    with orthorank.patched(model, layers=LAYERS, keep_ratio=KEEP, selector="orthogonal"):
         _logits(model, _ids())
     for h in handles:
         h.remove()
@@ -110,8 +110,8 @@ def test_disable_adapter_equals_patched_base_model():
     base = tiny_model()
     model = peft.get_peft_model(copy.deepcopy(base), _lora()).eval()
     ids = _ids()
-    orthorank.patch(model, layers=LAYERS, keep_ratio=KEEP)
-    orthorank.patch(base, layers=LAYERS, keep_ratio=KEEP)
+    orthorank.patch(model, layers=LAYERS, keep_ratio=KEEP, selector="orthogonal")
+    orthorank.patch(base, layers=LAYERS, keep_ratio=KEEP, selector="orthogonal")
     with model.disable_adapter():
         without = _logits(model, ids)
     torch.testing.assert_close(without, _logits(base, ids), atol=1e-6, rtol=1e-5)
@@ -124,7 +124,7 @@ def test_two_adapters_and_set_adapter():
     model.eval()  # peft makes the new adapter's modules (its lora_dropout) in training mode
     assert not any(m.training for m in model.modules())
     ids = _ids()
-    orthorank.patch(model, layers=LAYERS, keep_ratio=KEEP)
+    orthorank.patch(model, layers=LAYERS, keep_ratio=KEEP, selector="orthogonal")
     first = _logits(model, ids)
     model.set_adapter("second")
     second = _logits(model, ids)
@@ -133,12 +133,12 @@ def test_two_adapters_and_set_adapter():
     orthorank.unpatch(model)
     model.set_adapter("default")
     model.set_adapter("second")
-    orthorank.patch(model, layers=LAYERS, keep_ratio=KEEP)
+    orthorank.patch(model, layers=LAYERS, keep_ratio=KEEP, selector="orthogonal")
     assert torch.equal(_logits(model, ids), second)
     merged = copy.deepcopy(model)
     orthorank.unpatch(merged)
     merged = merged.merge_and_unload(adapter_names=["second"])
-    orthorank.patch(merged, layers=LAYERS, keep_ratio=KEEP)
+    orthorank.patch(merged, layers=LAYERS, keep_ratio=KEEP, selector="orthogonal")
     torch.testing.assert_close(second, _logits(merged, ids), atol=2e-5, rtol=1e-4)
 
 
@@ -146,11 +146,11 @@ def test_patch_before_wrapping_and_merge_and_unload_after_patching():
     """Patching then wrapping works; ``merge_and_unload()`` of a patched PEFT model returns the
     base model with the adapters merged, still patched with the same plan."""
     plain = tiny_model()
-    orthorank.patch(plain, layers=LAYERS, keep_ratio=KEEP)
+    orthorank.patch(plain, layers=LAYERS, keep_ratio=KEEP, selector="orthogonal")
     wrapped = peft.get_peft_model(plain, _lora()).eval()
     assert orthorank.is_patched(wrapped)
     reference = _peft_model()
-    orthorank.patch(reference, layers=LAYERS, keep_ratio=KEEP)
+    orthorank.patch(reference, layers=LAYERS, keep_ratio=KEEP, selector="orthogonal")
     ids = _ids()
     ours = _logits(wrapped, ids)
     torch.testing.assert_close(ours, _logits(reference, ids), atol=0, rtol=0)
@@ -167,7 +167,7 @@ def test_generate_matches_merged_model():
     merged = copy.deepcopy(model).merge_and_unload()
     prompt = _ids(batch=1, seq=16)
     for m in (model, merged):
-        orthorank.patch(m, layers=LAYERS, keep_ratio=KEEP)
+        orthorank.patch(m, layers=LAYERS, keep_ratio=KEEP, selector="orthogonal")
     out = model.generate(input_ids=prompt, max_new_tokens=8, do_sample=False)
     assert out.shape == (1, 24)
     assert torch.equal(out, merged.generate(prompt, max_new_tokens=8, do_sample=False))
@@ -176,7 +176,7 @@ def test_generate_matches_merged_model():
 def test_save_pretrained_adapter_files_identical(tmp_path: Path):
     model = _peft_model()
     model.save_pretrained(tmp_path / "dense")
-    with orthorank.patched(model, layers=LAYERS, keep_ratio=KEEP):
+    with orthorank.patched(model, layers=LAYERS, keep_ratio=KEEP, selector="orthogonal"):
         model.save_pretrained(tmp_path / "patched")
     names = sorted(p.name for p in (tmp_path / "dense").iterdir())
     assert "adapter_model.safetensors" in names

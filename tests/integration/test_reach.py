@@ -116,7 +116,7 @@ def _cache_factory(model, cache_type: str):
 def test_qwen_selection_layer_is_dense_where_selected(arch, attn, padded, cache_type):
     model = tiny_model(arch, attn)
     ids, mask = _inputs(padded)
-    orthorank.patch(model, layers=LAYERS, keep_ratio=KEEP)
+    orthorank.patch(model, layers=LAYERS, keep_ratio=KEEP, selector="orthogonal")
     assert_dense_where_selected(model, ids, mask, _cache_factory(model, cache_type), atol=2e-5, rtol=1e-4)
 
 
@@ -124,7 +124,7 @@ def test_qwen_selection_layer_is_dense_where_selected(arch, attn, padded, cache_
 @pytest.mark.parametrize("arch", QWEN)
 def test_qwen_padded_rows_equal_rows_alone(arch, attn):
     model = tiny_model(arch, attn)
-    orthorank.patch(model, layers=LAYERS, keep_ratio=KEEP)
+    orthorank.patch(model, layers=LAYERS, keep_ratio=KEEP, selector="orthogonal")
     lengths = [18, 11, 5]
     ids, mask = left_padded_batch(lengths, 18)
     with torch.no_grad():
@@ -141,7 +141,7 @@ def test_qwen_sparsity_zero_and_unpatch_give_dense_logits(arch):
     dense = _logits(model, ids)
     orthorank.patch(model, sparsity=0.0)
     assert torch.equal(_logits(model, ids), dense)
-    orthorank.patch(model, layers=LAYERS, keep_ratio=KEEP)
+    orthorank.patch(model, layers=LAYERS, keep_ratio=KEEP, selector="orthogonal")
     assert not torch.allclose(_logits(model, ids), dense)
     orthorank.unpatch(model)
     assert torch.equal(_logits(model, ids), dense)
@@ -150,7 +150,7 @@ def test_qwen_sparsity_zero_and_unpatch_give_dense_logits(arch):
 @pytest.mark.parametrize("arch", QWEN)
 def test_qwen_static_cache_generate_matches_dynamic(arch):
     model = tiny_model(arch)
-    orthorank.patch(model, layers=LAYERS, keep_ratio=0.3)
+    orthorank.patch(model, layers=LAYERS, keep_ratio=0.3, selector="orthogonal")
     ids, mask = left_padded_batch([14, 9], 14)
     kwargs = dict(attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0)
     dynamic = model.generate(ids, **kwargs)
@@ -178,7 +178,7 @@ def test_same_shaped_but_unregistered_architectures_are_refused_by_name(model_ty
     )
     model = AutoModelForCausalLM.from_config(config)
     with pytest.raises(TypeError, match=rf"{type(model).__name__} \(model_type='{model_type}'\).*llama, mistral, qwen2, qwen3"):
-        orthorank.patch(model, layers=[1])
+        orthorank.patch(model, layers=[1], selector="orthogonal")
     assert not orthorank.is_patched(model)
 
 
@@ -198,13 +198,13 @@ def _reference(arch: str, attn: str = "sdpa"):
     model = tiny_model(arch, attn)
     ids, mask = left_padded_batch([20, 13, 7], 20)
     dense = _logits(model, ids, mask)
-    orthorank.patch(model, layers=LAYERS, keep_ratio=KEEP)
+    orthorank.patch(model, layers=LAYERS, keep_ratio=KEEP, selector="orthogonal")
     return ids, mask, dense, _logits(model, ids, mask)
 
 
 def _check_offloaded(model, ids, mask, dense, patched):
     """Patched == in-memory patched; sparsity 0 and unpatch == dense; hooks stay in place."""
-    orthorank.patch(model, layers=LAYERS, keep_ratio=KEEP)
+    orthorank.patch(model, layers=LAYERS, keep_ratio=KEEP, selector="orthogonal")
     assert torch.equal(_logits(model, ids, mask), patched)
     stats = orthorank.layer_stats(model)
     assert sorted(stats) == LAYERS and all(s.selective_calls == 1 for s in stats.values())
@@ -257,9 +257,9 @@ def test_from_pretrained_with_device_map_and_offload(device_map, tmp_path):
     assert "disk" in model.hf_device_map.values()
     _check_offloaded(model, ids, mask, dense, patched)
     # and generation through the hooks
-    orthorank.patch(model, layers=LAYERS, keep_ratio=KEEP)
+    orthorank.patch(model, layers=LAYERS, keep_ratio=KEEP, selector="orthogonal")
     reference = tiny_model("llama")
-    orthorank.patch(reference, layers=LAYERS, keep_ratio=KEEP)
+    orthorank.patch(reference, layers=LAYERS, keep_ratio=KEEP, selector="orthogonal")
     kwargs = dict(attention_mask=mask, max_new_tokens=4, do_sample=False, pad_token_id=0)
     assert torch.equal(model.generate(ids, **kwargs), reference.generate(ids, **kwargs))
 
@@ -268,7 +268,7 @@ def test_hooks_added_or_removed_after_patching(tmp_path):
     """Patch, then dispatch (hooks wrap the patched forward), then unpatch: the dense model."""
     ids, mask, dense, patched = _reference("llama")
     model = tiny_model("llama")
-    orthorank.patch(model, layers=LAYERS, keep_ratio=KEEP)
+    orthorank.patch(model, layers=LAYERS, keep_ratio=KEEP, selector="orthogonal")
     model = dispatch_model(model, _device_map(model, {1: "disk", 2: "disk"}), main_device="cpu", offload_dir=str(tmp_path))
     assert torch.equal(_logits(model, ids, mask), patched)
     orthorank.unpatch(model)
@@ -277,7 +277,7 @@ def test_hooks_added_or_removed_after_patching(tmp_path):
 
     model = tiny_model("llama")
     dispatch = dispatch_model(model, _device_map(model, {}), main_device="cpu", force_hooks=True)
-    orthorank.patch(dispatch, layers=LAYERS, keep_ratio=KEEP)
+    orthorank.patch(dispatch, layers=LAYERS, keep_ratio=KEEP, selector="orthogonal")
     remove_hook_from_module(dispatch, recurse=True)
     assert torch.equal(_logits(dispatch, ids, mask), patched)
     orthorank.unpatch(dispatch)
@@ -303,7 +303,7 @@ def test_half_precision_selection_layer_is_dense_where_selected(dtype, arch, att
     dense_logits = _logits(model, ids, mask)
     orthorank.patch(model, sparsity=0.0)
     assert torch.equal(_logits(model, ids, mask), dense_logits)
-    orthorank.patch(model, layers=LAYERS, keep_ratio=KEEP)
+    orthorank.patch(model, layers=LAYERS, keep_ratio=KEEP, selector="orthogonal")
     logits = assert_dense_where_selected(
         model, ids, mask, lambda: DynamicCache(config=model.config), **HALF_TOLERANCE[dtype]
     )
@@ -321,7 +321,7 @@ def test_scores_are_float32_for_half_inputs():
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["float16", "bfloat16"])
 def test_half_precision_generate_with_static_cache(dtype):
     model = tiny_model("llama").to(dtype)
-    orthorank.patch(model, layers=LAYERS, keep_ratio=0.3)
+    orthorank.patch(model, layers=LAYERS, keep_ratio=0.3, selector="orthogonal")
     ids, mask = left_padded_batch([14, 9], 14)
     kwargs = dict(attention_mask=mask, max_new_tokens=5, do_sample=False, pad_token_id=0)
     out = model.generate(ids, **kwargs, output_scores=True, return_dict_in_generate=True)
@@ -348,7 +348,7 @@ def test_half_precision_generate_with_static_cache(dtype):
 def test_torch_compile_of_a_patched_model(backend):
     torch._dynamo.reset()
     model = tiny_model("llama", layers=4)
-    orthorank.patch(model, layers=[1, 2], keep_ratio=KEEP)
+    orthorank.patch(model, layers=[1, 2], keep_ratio=KEEP, selector="orthogonal")
     ids, mask = left_padded_batch([20, 13, 7], 20)
     eager = _logits(model, ids, mask)
     compiled = torch.compile(model, backend=backend)

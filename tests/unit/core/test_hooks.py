@@ -57,7 +57,7 @@ class Recorder:
 def test_hooks_that_change_input_and_output_keep_the_layer_property(attn):
     model = tiny_model(attn=attn)
     ids = torch.randint(3, 97, (1, 20), generator=torch.Generator().manual_seed(3))
-    orthorank.patch(model, layers=LAYERS, keep_ratio=KEEP, keep_recent=RECENT)
+    orthorank.patch(model, layers=LAYERS, keep_ratio=KEEP, keep_recent=RECENT, selector="orthogonal")
     recorder = Recorder(model, steer=0.5, scale=0.5)
     cache = DynamicCache(config=model.config)
     captured = _run_with_capture(model, ids, None, torch.arange(20)[None], cache)
@@ -91,7 +91,7 @@ def test_attention_hooks_fire_once_per_layer_and_step_in_generate(decode):
     dense_rec = Recorder(model)
     model.generate(prompt, max_new_tokens=5, do_sample=False)
     dense_rec.remove()
-    orthorank.patch(model, layers=LAYERS, keep_ratio=KEEP, decode=decode)
+    orthorank.patch(model, layers=LAYERS, keep_ratio=KEEP, decode=decode, selector="orthogonal")
     rec = Recorder(model)
     model.generate(prompt, max_new_tokens=5, do_sample=False)
     rec.remove()
@@ -113,7 +113,7 @@ def test_mlp_hooks_see_the_selected_tokens():
         layer.mlp.register_forward_hook(lambda m, a, o, i=i: shapes.setdefault(i, []).append(tuple(a[0].shape)))
         for i, layer in enumerate(model.model.layers)
     ]
-    orthorank.patch(model, layers=LAYERS, keep_ratio=0.5)
+    orthorank.patch(model, layers=LAYERS, keep_ratio=0.5, selector="orthogonal")
     with torch.no_grad():
         model(torch.randint(3, 97, (2, 20)))
     for h in handles:
@@ -138,7 +138,7 @@ def test_global_hooks_and_plain_hooks_fire_in_selection_layers():
     handles += [a.register_forward_pre_hook(lambda m, args: pre_seen.append(m.layer_idx)) for a in attn_modules]
     handles += [a.register_forward_hook(lambda m, args, out: always.append(m.layer_idx), always_call=True)
                 for a in attn_modules]
-    orthorank.patch(model, layers=LAYERS, keep_ratio=KEEP)
+    orthorank.patch(model, layers=LAYERS, keep_ratio=KEEP, selector="orthogonal")
     try:
         with torch.no_grad():
             model(torch.randint(3, 97, (1, 16)))
@@ -151,7 +151,7 @@ def test_global_hooks_and_plain_hooks_fire_in_selection_layers():
 def test_no_hooks_skip_the_module_call(monkeypatch):
     model = tiny_model()
     ids = torch.randint(3, 97, (1, 16))
-    orthorank.patch(model, layers=LAYERS, keep_ratio=KEEP)
+    orthorank.patch(model, layers=LAYERS, keep_ratio=KEEP, selector="orthogonal")
     with torch.no_grad():
         ref = model(ids).logits
 
@@ -170,7 +170,7 @@ def test_idle_output_capturing_hooks_of_transformers_skip_the_module_call(monkey
     selection layers' attention modules run them (their weights are None: not recorded)."""
     model = tiny_model(attn="eager")
     ids = torch.randint(3, 97, (1, 16))
-    orthorank.patch(model, layers=LAYERS, keep_ratio=KEEP)
+    orthorank.patch(model, layers=LAYERS, keep_ratio=KEEP, selector="orthogonal")
     calls = []
     original = hooks.AttentionRoute.call
     monkeypatch.setattr(hooks.AttentionRoute, "call", lambda self, *a: calls.append(1) or original(self, *a))
@@ -191,7 +191,7 @@ def test_unpatch_restores_attention_forward_and_hooks_stay():
     handle = model.model.layers[1].self_attn.register_forward_hook(lambda m, a, o: None)
     with torch.no_grad():
         dense = model(ids).logits
-    orthorank.patch(model, layers=LAYERS, keep_ratio=KEEP)
+    orthorank.patch(model, layers=LAYERS, keep_ratio=KEEP, selector="orthogonal")
     assert isinstance(model.model.layers[1].self_attn.__dict__["forward"], hooks.AttentionRoute)
     orthorank.unpatch(model)
     assert all("forward" not in layer.self_attn.__dict__ for layer in model.model.layers)
@@ -203,7 +203,7 @@ def test_unpatch_restores_attention_forward_and_hooks_stay():
 
 def test_hook_that_changes_the_token_count_is_refused():
     model = tiny_model()
-    orthorank.patch(model, layers=[1], keep_ratio=KEEP)
+    orthorank.patch(model, layers=[1], keep_ratio=KEEP, selector="orthogonal")
     model.model.layers[1].self_attn.register_forward_pre_hook(
         lambda m, args, kwargs: (args, {**kwargs, "hidden_states": kwargs["hidden_states"][:, :-1]}), with_kwargs=True
     )
@@ -219,7 +219,7 @@ def test_eager_forward_hooks_are_told_there_are_no_attention_weights(caplog):
         weights.append(output[1])
 
     model.model.layers[1].self_attn.register_forward_hook(wants_weights)
-    orthorank.patch(model, layers=[1], keep_ratio=KEEP)
+    orthorank.patch(model, layers=[1], keep_ratio=KEEP, selector="orthogonal")
     with caplog.at_level(logging.WARNING, logger="orthorank.hooks"), torch.no_grad():
         model(torch.randint(3, 97, (1, 16)))
         model(torch.randint(3, 97, (1, 16)))

@@ -28,7 +28,7 @@ def test_selection_layer_is_dense_where_selected(arch, attn, padded, cache_type,
     monkeypatch.setattr(orthorank.layer, "QUERY_CHUNK", chunk)
     model = tiny_model(arch, attn)
     ids, mask, position_ids = _inputs(padded)
-    orthorank.patch(model, layers=SELECTION_LAYERS, keep_ratio=KEEP, keep_recent=RECENT)
+    orthorank.patch(model, layers=SELECTION_LAYERS, keep_ratio=KEEP, keep_recent=RECENT, selector="orthogonal")
     make = (lambda: DynamicCache(config=model.config)) if cache_type == "dynamic" else (
         lambda: StaticCache(config=model.config, max_cache_len=32)
     )
@@ -48,7 +48,7 @@ def test_selection_layer_is_dense_where_selected(arch, attn, padded, cache_type,
 def test_keep_recent_selects_the_latest_tokens_then_by_score(options, recent, padded):
     model = tiny_model()
     ids, mask, position_ids = _inputs(padded)
-    orthorank.patch(model, layers=[2], keep_ratio=KEEP, **options)
+    orthorank.patch(model, layers=[2], keep_ratio=KEEP, **options, selector="orthogonal")
     captured = _run_with_capture(model, ids, mask, position_ids, DynamicCache(config=model.config))
     got = captured[2]
     real = mask.bool() if mask is not None else torch.ones(ids.shape, dtype=torch.bool)
@@ -71,7 +71,7 @@ def test_keep_recent_is_the_only_recency_option(value):
 def test_selection_really_skips_compute():
     """The MLP and the query projection of a selection layer see only the selected tokens."""
     model = tiny_model()
-    orthorank.patch(model, layers=[2], keep_ratio=0.25)
+    orthorank.patch(model, layers=[2], keep_ratio=0.25, selector="orthogonal")
     seen = {}
     layer = model.model.layers[2]
     hooks = [

@@ -129,7 +129,7 @@ def test_selection_overlap_counts() -> None:
 @pytest.mark.parametrize("keep_recent", [0, 3])
 def test_select_tokens_is_what_a_patched_selection_layer_updates(keep_recent: int) -> None:
     model = shared_tiny_model(layers=4)
-    orthorank.patch(model, layers=[2], keep_ratio=0.4, keep_recent=keep_recent)
+    orthorank.patch(model, layers=[2], keep_ratio=0.4, keep_recent=keep_recent, selector="orthogonal")
     ids, mask = left_padded_batch([16, 9], 16)
     seen: dict[str, torch.Tensor] = {}
 

@@ -18,7 +18,7 @@ import torch
 
 import orthorank
 from benchmarks import ship_plans
-from orthorank import autoplan, plancache, selfcalib, shipped
+from orthorank import autoplan, install, plancache, selfcalib, shipped
 from orthorank.calibration import plan_at_round
 from orthorank.fingerprint import model_fingerprint
 from orthorank.plan import layers_plan
@@ -159,7 +159,7 @@ def test_start_token_falls_back_to_eos_then_refuses():
 
 def test_calibrates_once_then_a_fresh_copy_reads_the_cache(calls):
     model = tiny_model()
-    orthorank.patch(model, sparsity=0.2, progress=False)
+    orthorank.patch(model, sparsity=0.2, progress=False, objective="perplexity")
     plan = orthorank.get_plan(model)
     assert calls == [0.2] and plan.meta["origin"] == "calibrated"
     assert abs(plan.sparsity - 0.2) <= autoplan.step_tolerance(6, THIRD)
@@ -169,37 +169,37 @@ def test_calibrates_once_then_a_fresh_copy_reads_the_cache(calls):
     fp = model_fingerprint(model)
     path = plancache.plan_path(fp, 0.2, THIRD, "orthogonal", selfcalib.RECIPE.key())
     assert path.is_file() and path.is_relative_to(Path(os.environ["ORTHORANK_CACHE"]) / "plans")
-    again = orthorank.patch(tiny_model(), sparsity=0.2)
+    again = orthorank.patch(tiny_model(), sparsity=0.2, objective="perplexity")
     assert calls == [0.2] and orthorank.get_plan(again) == plan and orthorank.get_plan(again).meta["origin"] == "cache"
-    orthorank.patch(tiny_model())  # the default sparsity is 0.2
+    orthorank.patch(tiny_model(), objective="perplexity")  # the default sparsity is 0.2
     assert calls == [0.2] and orthorank.get_plan(again) == plan
-    lower = orthorank.patch(tiny_model(), sparsity=(1 - THIRD) / 6)  # a round of the cached search
+    lower = orthorank.patch(tiny_model(), sparsity=(1 - THIRD) / 6, objective="perplexity")  # a round of the cached search
     assert calls == [0.2] and orthorank.get_plan(lower) == plan_at_round(plan, 1)
-    orthorank.patch(tiny_model(), sparsity=0.2, keep_ratio=0.5)  # another request: calibrates
+    orthorank.patch(tiny_model(), sparsity=0.2, keep_ratio=0.5, objective="perplexity")  # another request: calibrates
     assert calls == [0.2, 0.2]
 
 
 def test_sparsity_zero_installs_nothing_and_never_calibrates(no_calibration):
     model = tiny_model()
-    orthorank.patch(model, sparsity=0.0)
+    orthorank.patch(model, sparsity=0.0, objective="perplexity")
     assert orthorank.get_plan(model).is_dense and not cache_files()
 
 
 def test_cache_false_neither_reads_nor_writes(fake_calls):
     calls = fake_calls
-    orthorank.patch(tiny_model(), sparsity=0.2, cache=False, progress=False)
+    orthorank.patch(tiny_model(), sparsity=0.2, cache=False, progress=False, objective="perplexity")
     assert calls == [0.2] and not cache_files()
-    orthorank.patch(tiny_model(), sparsity=0.2, progress=False)
+    orthorank.patch(tiny_model(), sparsity=0.2, progress=False, objective="perplexity")
     assert calls == [0.2, 0.2] and len(cache_files()) == 1
-    orthorank.patch(tiny_model(), sparsity=0.2, cache=False, progress=False)
+    orthorank.patch(tiny_model(), sparsity=0.2, cache=False, progress=False, objective="perplexity")
     assert calls == [0.2, 0.2, 0.2]
 
 
 def test_a_changed_recipe_does_not_reuse_old_plans(fake_calls, monkeypatch):
     calls = fake_calls
-    orthorank.patch(tiny_model(), sparsity=0.2, progress=False)
+    orthorank.patch(tiny_model(), sparsity=0.2, progress=False, objective="perplexity")
     monkeypatch.setattr(selfcalib, "RECIPE", selfcalib.Recipe(**{**TINY_RECIPE, "seed": 1}))
-    orthorank.patch(tiny_model(), sparsity=0.2, progress=False)
+    orthorank.patch(tiny_model(), sparsity=0.2, progress=False, objective="perplexity")
     assert calls == [0.2, 0.2] and len(cache_files()) == 2
 
 
@@ -229,7 +229,7 @@ def test_bad_cache_file_is_ignored_with_a_warning_and_rebuilt(kind, fake_calls, 
         content = json.dumps({**layers_plan(8, [2, 3]).to_dict(), "fingerprint": fp, "request": request})
     path.write_bytes(content if isinstance(content, bytes) else content.encode())
     with caplog.at_level("WARNING", logger="orthorank"):
-        orthorank.patch(model, sparsity=0.2, progress=False)
+        orthorank.patch(model, sparsity=0.2, progress=False, objective="perplexity")
     assert calls == [0.2]
     assert any("ignoring the cached plan" in r.getMessage() and str(path) in r.getMessage() for r in caplog.records)
     rebuilt = plancache.read_plan(path, fp, 6, "llama", request)
@@ -248,7 +248,7 @@ def test_unwritable_cache_warns_and_still_patches(fake_calls, monkeypatch, tmp_p
     blocker.write_text("a file where the cache folder should be")
     monkeypatch.setenv("ORTHORANK_CACHE", str(blocker))
     with caplog.at_level("WARNING", logger="orthorank"):
-        model = orthorank.patch(tiny_model(), sparsity=0.2, progress=False)
+        model = orthorank.patch(tiny_model(), sparsity=0.2, progress=False, objective="perplexity")
     assert calls == [0.2] and orthorank.get_plan(model).selection_layers
     assert any("could not cache the plan" in r.getMessage() for r in caplog.records)
 
@@ -263,7 +263,7 @@ _WRITER = textwrap.dedent(
     from orthorank.fingerprint import model_fingerprint
     selfcalib.RECIPE = selfcalib.Recipe(**TINY_RECIPE)
     model = tiny_model()
-    orthorank.patch(model, sparsity=0.2, progress=False)
+    orthorank.patch(model, sparsity=0.2, progress=False, objective="perplexity")
     plan = orthorank.get_plan(model)
     fp = model_fingerprint(model)
     key = selfcalib.RECIPE.key()
@@ -309,26 +309,26 @@ def test_shipped_plan_is_used_without_calibration(ship_dir, no_calibration):
     data = json.loads(written.read_text())
     assert data["format"] == "orthorank-shipped-plans" and data["plans"][0]["sparsity"] == round(search.sparsity, 4)
     fresh = tiny_model().to(torch.bfloat16)  # same checkpoint, another dtype: same fingerprint
-    orthorank.patch(fresh, sparsity=search.sparsity)
+    orthorank.patch(fresh, sparsity=search.sparsity, objective="perplexity")
     assert orthorank.get_plan(fresh) == search and orthorank.get_plan(fresh).meta["origin"] == "shipped"
-    orthorank.patch(fresh, sparsity=0.2)  # between rounds 1 and 2 of the shipped search: its closest round
+    orthorank.patch(fresh, sparsity=0.2, objective="perplexity")  # between rounds 1 and 2 of the shipped search: its closest round
     assert orthorank.get_plan(fresh) == plan_at_round(search, 2) and not cache_files()
     with pytest.raises(AssertionError, match="must not run"):  # another keep ratio is not served
-        orthorank.patch(fresh, sparsity=0.2, keep_ratio=0.5)
+        orthorank.patch(fresh, sparsity=0.2, keep_ratio=0.5, objective="perplexity")
 
 
 def test_shipped_plan_comes_before_the_cache_and_bad_shipped_files_are_skipped(ship_dir, fake_calls, caplog):
     calls = fake_calls
     model = tiny_model()
-    orthorank.patch(model, sparsity=0.2, progress=False)
+    orthorank.patch(model, sparsity=0.2, progress=False, objective="perplexity")
     assert calls == [0.2]
     search = known_search([0.01, 0.05], [4, 1])
     save_shipped_plan(search, model, directory=ship_dir)
-    orthorank.patch(model, sparsity=0.2)
+    orthorank.patch(model, sparsity=0.2, objective="perplexity")
     assert orthorank.get_plan(model) == search and calls == [0.2]
     (ship_dir / f"{model_fingerprint(model)}.json").write_text('{"format": "orthorank-shipped-plans"')
     with caplog.at_level("WARNING", logger="orthorank"):
-        orthorank.patch(model, sparsity=0.2)
+        orthorank.patch(model, sparsity=0.2, objective="perplexity")
     assert orthorank.get_plan(model).meta["origin"] == "cache" and calls == [0.2]
     assert any("ignoring the shipped plans" in r.getMessage() for r in caplog.records)
 
@@ -374,7 +374,7 @@ def test_quality_budget_picks_the_highest_round_within_it(ship_dir, no_calibrati
     for budget, rounds in ((0.005, 0), (0.011, 1), (0.06, 2), (math.expm1(0.2) + 1e-9, 3), (0.5, 4), (3.0, 4)):
         with warnings.catch_warnings():
             warnings.simplefilter("error")  # a budget never warns
-            orthorank.patch(model, max_ppl_increase=budget)
+            orthorank.patch(model, max_ppl_increase=budget, objective="perplexity")
         assert orthorank.get_plan(model) == plan_at_round(search, rounds), budget
         increase = orthorank.get_plan(model).expected_ppl_increase
         assert increase <= budget + 1e-9
@@ -398,7 +398,7 @@ def test_quality_budget_picks_the_highest_round_within_it(ship_dir, no_calibrati
 def test_bad_budget_and_cache_arguments(kwargs, error, words, no_calibration):
     model = tiny_model()
     with pytest.raises(error) as info:
-        orthorank.patch(model, **kwargs)
+        orthorank.patch(model, **kwargs, objective="perplexity")
     assert words in str(info.value)
     assert not orthorank.is_patched(model)
 
@@ -412,10 +412,10 @@ def test_large_expected_increase_warns_and_names_a_sparsity(ship_dir, no_calibra
     assert record[0].filename == __file__  # points at the caller
     save_shipped_plan(search, model, directory=ship_dir)
     with pytest.warns(UserWarning, match=r"sparsity 0\.333 stays under 25%"):
-        orthorank.patch(model, sparsity=0.44)
+        orthorank.patch(model, sparsity=0.44, objective="perplexity")
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        orthorank.patch(model, sparsity=0.33)  # round 3: +22%
+        orthorank.patch(model, sparsity=0.33, objective="perplexity")  # round 3: +22%
         orthorank.patch(model, plan=plan_at_round(search, 3))
         orthorank.patch(model, layers=[1, 2, 3, 4])  # no calibration loss known: nothing to say
     assert orthorank.get_plan(model).expected_ppl_increase is None
@@ -434,15 +434,15 @@ def test_expected_ppl_increase_of_plans():
 
 
 def test_calibrating_a_patched_model_measures_the_dense_model(calls):
-    reference = orthorank.patch(tiny_model(), sparsity=0.2, cache=False, progress=False)
+    reference = orthorank.patch(tiny_model(), sparsity=0.2, cache=False, progress=False, objective="perplexity")
     model = orthorank.patch(tiny_model(), layers=[1, 2, 3, 4], keep_ratio=0.1)
-    orthorank.patch(model, sparsity=0.2, cache=False, progress=False)
+    orthorank.patch(model, sparsity=0.2, cache=False, progress=False, objective="perplexity")
     assert orthorank.get_plan(model) == orthorank.get_plan(reference) and len(calls) == 2
 
 
 def test_resolved_plan_keeps_the_selection_layer_property():
     model = tiny_model()
-    orthorank.patch(model, sparsity=0.2, keep_ratio=KEEP, progress=False)
+    orthorank.patch(model, sparsity=0.2, keep_ratio=KEEP, progress=False, objective="perplexity")
     plan = orthorank.get_plan(model)
     assert plan.selection_layers and plan.meta["origin"] == "calibrated"
     from transformers import DynamicCache
@@ -453,4 +453,58 @@ def test_resolved_plan_keeps_the_selection_layer_property():
     for i, got in captured.items():
         dense_cache = DynamicCache(config=model.config)
         dense = _dense_layer(model, i, got["x"], got["kwargs"], dense_cache)
-        assert_layer_property(model, i, got, dense, cache, dense_cache, plan.selection_layers, mask.bool())
+        assert_layer_property(model, i, got, dense, cache, dense_cache, plan.selection_layers, mask.bool(), recent=1)
+
+
+# --- the generation objective (the default) -----------------------------------------------------
+
+
+def test_default_objective_calibrates_on_generation_windows_with_the_attention_selector():
+    model = tiny_model()
+    orthorank.patch(model, sparsity=0.2, progress=False)
+    plan = orthorank.get_plan(model)
+    recipe = selfcalib.GENERATION_RECIPE
+    assert plan.selector == "attention" and plan.meta["objective"] == "generation"
+    assert plan.meta["recipe"] == recipe.to_dict() and plan.meta["origin"] == "calibrated"
+    # the search scored answers after a prompt: windows of prompt_docs whole documents, half a third, the answer
+    assert plan.meta["calib_windows"] == 2 * recipe.rows
+    assert plan.meta["calib_seq_len"] == (recipe.prompt_docs + 1) * recipe.window
+    assert install.handle(model).options.keep_recent == 32
+    fp = model_fingerprint(model)
+    path = plancache.plan_path(fp, 0.2, THIRD, "attention", recipe.key())
+    assert path.is_file(), "the generation plan is cached under its own recipe key"
+    again = orthorank.patch(tiny_model(), sparsity=0.2)
+    assert orthorank.get_plan(again).meta["origin"] == "cache" and orthorank.get_plan(again) == plan
+    other = orthorank.patch(tiny_model(), sparsity=0.2, objective="perplexity", progress=False)
+    assert orthorank.get_plan(other).selector == "orthogonal" and install.handle(other).options.keep_recent == 1
+    assert orthorank.get_plan(other).meta["objective"] == "perplexity"
+
+
+def test_quality_report_names_the_objective_metric():
+    generation = orthorank.Plan((1.0, THIRD, 1.0), meta={"objective": "generation", "dense_loss": 1.0, "final_loss": 1.5})
+    with pytest.warns(UserWarning, match="perplexity of answers generated after a prompt"):
+        autoplan.report_quality(generation)
+    scoring = orthorank.Plan((1.0, THIRD, 1.0), meta={"dense_loss": 1.0, "final_loss": 1.5})
+    with pytest.warns(UserWarning, match="perplexity of every token of a text"):
+        autoplan.report_quality(scoring)
+
+
+@pytest.mark.parametrize("bad", ["chat", None, 1])
+def test_patch_rejects_an_unknown_objective(bad):
+    with pytest.raises(ValueError, match="objective must be one of 'generation', 'perplexity'"):
+        orthorank.patch(tiny_model(), sparsity=0.2, objective=bad)
+
+
+def test_embedded_model_ships_generation_and_perplexity_plans():
+    """The package's shipped files: a generation search (attention selector, to sparsity 0.4) and the
+    paper's searches, for both layouts of the embedded model."""
+    for fp, model_type in (("75862926133233e0", "llama"), ("5977e48f0d1f4a14", "mistral")):
+        entries = shipped.read_entries(fp, 30, model_type)
+        kinds = {(e["objective"], e["selector"]) for e in entries}
+        assert kinds == {("generation", "attention"), ("perplexity", "orthogonal")}
+        generation = [e for e in entries if e["objective"] == "generation"]
+        assert len(generation) == 1 and generation[0]["sparsity"] == 0.4
+        plan = generation[0]["plan"]
+        assert plan.meta["recipe"] == selfcalib.Recipe(objective="generation", windows=8, window=128, prompt_docs=2,
+                                                        answer=64, rows=4).to_dict()
+        assert plan_at_round(plan, 9).sparsity == pytest.approx(0.2)

@@ -48,13 +48,14 @@ def _generation_nll(model: torch.nn.Module, ids: torch.Tensor, prompt: int) -> f
     return total / count
 
 
+@pytest.mark.parametrize("selector", ["orthogonal", "attention"])
 @pytest.mark.parametrize("arch", ["llama", "mistral"])
 @pytest.mark.parametrize("prompt", [1, 7, 19])
-def test_runner_generation_loss_matches_prefill_then_decode(arch, prompt):
+def test_runner_generation_loss_matches_prefill_then_decode(arch, prompt, selector):
     model = tiny_model(arch, layers=6, initializer_range=0.2)
     ids = torch.randint(3, 97, (3, 20), generator=torch.Generator().manual_seed(0))
     runner = LossRunner(model, ids, batch_size=2, prompt=prompt)
-    plan = orthorank.Plan((1.0, 1 / 3, 1.0, 0.0, 0.5, 1.0))
+    plan = orthorank.Plan((1.0, 1 / 3, 1.0, 0.0, 0.5, 1.0), selector=selector)
     with orthorank.patched(model, plan=plan):
         expected = _generation_nll(model, ids, prompt)
     dense = runner.record(orthorank.Plan((1.0,) * 6))
