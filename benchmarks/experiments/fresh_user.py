@@ -39,6 +39,7 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--sparsity", type=float, default=0.2)
     p.add_argument("--out", default=None)
+    p.add_argument("--save-plan", default=None, help="also save the self-calibrated plan (Plan.save) here")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     result: dict = {"threads": args.threads, "dtype": "bfloat16", "sparsity": args.sparsity}
@@ -86,6 +87,8 @@ def main() -> None:
         print(tasks.CHAT_ITEMS[i].question, "|", *(repr(result[f"chat_{k}"][i]) for k in ("dense", "shipped", "self")))
     if args.out:
         Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
+    if args.save_plan:
+        selfcal.save(args.save_plan)
 
 
 if __name__ == "__main__":

@@ -8,7 +8,9 @@ Methods: ``dense``; ``default`` = ``orthorank.patch(model, sparsity=s)``; ``perp
 ``patch(model, sparsity=s, objective="perplexity")`` (the paper's search on whole-window loss);
 ``paper`` = that plan with ``selector="orthogonal", keep_recent=0`` (OrthoRank as published);
 ``sleb`` / ``shortgpt`` = layer removal at the same sparsity (plans in
-``benchmarks/results/plans/``, made by ``python -m benchmarks.experiments.make_table``).
+``benchmarks/results/plans/``, made by ``python -m benchmarks.experiments.make_table``);
+``selfcalib`` = the plan the default calibrates for a model with no shipped plan
+(``selfcalib-generation@s.json``, from ``python -m benchmarks.experiments.fresh_user``).
 """
 
 from __future__ import annotations
@@ -32,6 +34,9 @@ from ..suite.quality import chat_answers
 from . import measure, tasks
 
 PLANS = Path(__file__).resolve().parents[1] / "results" / "plans"
+#: ``selfcalib``: the plan a first ``patch(model, sparsity=s)`` calibrates for a model no plan is
+#: shipped for (saved by ``python -m benchmarks.experiments.fresh_user``)
+PLAN_FAMILY = {"selfcalib": "generation"}
 
 
 def install(model: torch.nn.Module, method: str, sparsity: float) -> None:
@@ -42,8 +47,9 @@ def install(model: torch.nn.Module, method: str, sparsity: float) -> None:
         orthorank.patch(model, sparsity=sparsity, objective="perplexity")
     elif method == "paper":
         orthorank.patch(model, sparsity=sparsity, objective="perplexity", selector="orthogonal", keep_recent=0)
-    elif method in ("sleb", "shortgpt"):
-        orthorank.patch(model, plan=Plan.load(PLANS / f"{method}@{sparsity}.json", model=model))
+    elif method in ("sleb", "shortgpt", "selfcalib"):
+        orthorank.patch(model, plan=Plan.load(PLANS / f"{method}-{PLAN_FAMILY[method]}@{sparsity}.json"
+                                              if method == "selfcalib" else PLANS / f"{method}@{sparsity}.json", model=model))
     elif method != "dense":
         raise ValueError(f"unknown method {method!r}")
 

@@ -10,6 +10,7 @@ NAMES = {
     "default": "**`patch(model, sparsity=s)`** (default)",
     "perplexity": "`objective=\"perplexity\"`",
     "paper": "OrthoRank as published (`objective=\"perplexity\", keep_recent=0`)",
+    "selfcalib": "default, self-calibrated (no shipped plan)",
     "sleb": "SLEB (layer removal)",
     "shortgpt": "ShortGPT (layer removal)",
 }
