@@ -32,6 +32,7 @@ from ..embedded import load_model, wiki_texts
 from ..experiments.chat_validation import QUESTIONS
 from ..suite.quality import chat_answers
 from . import measure, tasks
+from .table import print_table
 
 PLANS = Path(__file__).resolve().parents[1] / "results" / "plans"
 #: ``selfcalib``: the plan a first ``patch(model, sparsity=s)`` calibrates for a model no plan is
@@ -102,8 +103,6 @@ def main() -> None:
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     args = p.parse_args()
     if args.table:
-        from .table import print_table
-
         print_table(json.loads(args.table.read_text()))
         return
     if not args.out:
