@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 import orthorank
+from orthorank.config import DEFAULT_OBJECTIVE, OBJECTIVE_DEFAULTS, SELECTORS
 from orthorank.plan import default_plan
 from orthorank.text import token_windows
 
@@ -39,6 +40,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=None)
     parser.add_argument("--sparsity", type=float, default=0.2)
+    parser.add_argument("--selector", default=OBJECTIVE_DEFAULTS[DEFAULT_OBJECTIVE][0], choices=SELECTORS,
+                        help="selector of the OrthoRank plan (default: the one patch() uses by default)")
     parser.add_argument("--contexts", default="512,1024,2048,4096")
     parser.add_argument("--batches", default="1")
     parser.add_argument("--dtypes", default="bfloat16,float32")
@@ -65,7 +68,7 @@ def main() -> None:
         methods = {
             "dense": None,
             "orthorank@0": orthorank.Plan((1.0,) * num_layers),
-            "orthorank": default_plan(num_layers, args.sparsity),
+            "orthorank": default_plan(num_layers, args.sparsity, selector=args.selector),
             "layer-removal": removal_plan(num_layers, args.sparsity),
         }
         contexts = [int(c) for c in args.contexts.split(",")]

@@ -54,6 +54,11 @@ class SearchConfig:
         shortlist: after the first round, re-score only this many candidates, those with the
             lowest cost in the previous round (``None``: every candidate, every round).
             :func:`calibrate` uses 10.
+        deepest: each round considers only the ``deepest`` last layers that can still step down
+            (``None``: every eligible layer). A token a selection layer skips changes only the
+            keys and values of the layers after it, so the plans of the ``generation`` objective
+            grow from the end of the model; the loss decides which of the deepest layers goes
+            next, stepping around layers that generation needs.
     """
 
     sparsity: float
@@ -62,12 +67,13 @@ class SearchConfig:
     selector: str = "orthogonal"
     jumps: bool = False
     shortlist: int | None = None
+    deepest: int | None = None
 
     def __post_init__(self) -> None:
-        if self.shortlist is not None and (
-            isinstance(self.shortlist, bool) or not isinstance(self.shortlist, int) or self.shortlist < 1
-        ):
-            raise ValueError(f"shortlist must be a positive int or None, got {self.shortlist!r}")
+        for name in ("shortlist", "deepest"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise ValueError(f"{name} must be a positive int or None, got {value!r}")
         check_fraction("sparsity", self.sparsity, high_open=True)
         levels = tuple(check_fraction(f"levels[{i}]", v) for i, v in enumerate(self.levels))
         if len(levels) < 2 or levels[0] != 1.0 or any(a <= b for a, b in zip(levels, levels[1:])):
@@ -90,6 +96,12 @@ class SearchConfig:
 def _steps(ratios: tuple[float, ...], layer: int, config: SearchConfig) -> list[float]:
     lower = [v for v in config.levels if v < ratios[layer]]
     return lower if config.jumps else lower[:1]
+
+
+def _open_layers(ratios: tuple[float, ...], eligible: list[int], config: SearchConfig) -> list[int]:
+    """The layers a round may step down: eligible, above the lowest level, the ``deepest`` last ones."""
+    open_ = [i for i in eligible if ratios[i] > config.levels[-1]]
+    return open_ if config.deepest is None else open_[-config.deepest:]
 
 
 def search_plan(
@@ -133,7 +145,7 @@ def search_plan(
     while True:
         gap = abs(current.sparsity - target)
         candidates = []
-        for layer in eligible:
+        for layer in _open_layers(current.keep_ratios, eligible, config):
             for ratio in _steps(current.keep_ratios, layer, config):
                 ratios = list(current.keep_ratios)
                 ratios[layer] = ratio
@@ -164,6 +176,7 @@ def search_plan(
         "exclude": list(config.exclude),
         "jumps": config.jumps,
         "shortlist": config.shortlist,
+        "deepest": config.deepest,
         "calib_windows": runner.ids.shape[0],
         "calib_seq_len": runner.ids.shape[1],
         "calib_tokens": runner.ids.numel(),

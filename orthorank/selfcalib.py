@@ -60,7 +60,7 @@ class Recipe:
         seed: seed of the sampling generator.
         removal: the search may also remove layers (levels ``(1, keep_ratio, 0)``); else it only
             makes selection layers (``(1, keep_ratio)``, the paper's search).
-        jumps, shortlist, exclude: see :class:`orthorank.calibration.SearchConfig`.
+        jumps, shortlist, exclude, deepest: see :class:`orthorank.calibration.SearchConfig`.
         batch_size: windows per forward pass (generation and search).
         objective: ``perplexity`` searches on the whole-window loss of the generated windows;
             ``generation`` builds continuation and recall windows from them
@@ -82,6 +82,7 @@ class Recipe:
     jumps: bool = False
     shortlist: int | None = 10
     exclude: tuple[int, ...] = (0, -1)
+    deepest: int | None = None
     batch_size: int = 1
     objective: str = "perplexity"
     prompt_docs: int = 1
@@ -101,7 +102,8 @@ class Recipe:
         if self.objective == "generation":  # validates the window sizes
             generation_windows(torch.zeros(self.windows, self.window, dtype=torch.long), prompt_docs=self.prompt_docs,
                                answer=self.answer, count=self.rows)
-        SearchConfig(0.1, exclude=tuple(self.exclude), jumps=self.jumps, shortlist=self.shortlist)  # validates
+        SearchConfig(0.1, exclude=tuple(self.exclude), jumps=self.jumps, shortlist=self.shortlist,
+                     deepest=self.deepest)  # validates
 
     def levels(self, keep_ratio: float) -> tuple[float, ...]:
         """Keep ratios the search may give a layer."""
@@ -120,9 +122,14 @@ RECIPE = Recipe()
 
 #: The recipe of the ``generation`` objective: 8 generated documents of 128 tokens; 4 prompts of
 #: two whole documents and half of a third (320 tokens), each scored on 64 answer tokens twice:
-#: the rest of the third document (continuation) and a span of the first (recall). The plans
-#: shipped for the embedded model were searched with it (``benchmarks/ship_plans.py``).
-GENERATION_RECIPE = Recipe(objective="generation", windows=8, window=128, prompt_docs=2, answer=64, rows=4)
+#: the rest of the third document (continuation) and a span of the first (recall). The search
+#: grows the plan from the end of the model (``deepest=4``: each round picks one of the 4 deepest
+#: dense layers, the last layer included): on the embedded model a search free to pick any layer
+#: chose early layers whose cost the 320-token prompts do not show and lost pass keys at
+#: 512-4096 tokens (docs/results.md). The plans shipped for the embedded model were searched with
+#: it (``benchmarks/experiments/generation_search.py``).
+GENERATION_RECIPE = Recipe(objective="generation", windows=8, window=128, prompt_docs=2, answer=64, rows=4,
+                           exclude=(0,), deepest=4)
 
 
 def recipe_for(objective: str) -> Recipe:
@@ -255,6 +262,7 @@ def auto_calibrate(
         selector=selector,
         jumps=recipe.jumps,
         shortlist=recipe.shortlist,
+        deepest=recipe.deepest,
     )
     started = time.perf_counter()
     window = min(recipe.window, int(getattr(model.config, "max_position_embeddings", None) or recipe.window))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -29,4 +31,4 @@ def _plan_cache(tmp_path_factory, monkeypatch) -> None:
         (root / DEFAULT_MODEL).symlink_to(built, target_is_directory=True)
     monkeypatch.setenv("ORTHORANK_CACHE", str(root))
     monkeypatch.setattr(selfcalib, "RECIPE", selfcalib.Recipe(**TINY_RECIPE))
-    monkeypatch.setattr(selfcalib, "GENERATION_RECIPE", selfcalib.Recipe(**TINY_GENERATION_RECIPE))
+    monkeypatch.setattr(selfcalib, "GENERATION_RECIPE", dataclasses.replace(selfcalib.GENERATION_RECIPE, **TINY_GENERATION_RECIPE))

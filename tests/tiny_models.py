@@ -97,7 +97,8 @@ CACHE_KW = "cache" if "cache" in inspect.signature(LlamaForCausalLM.forward).par
 #: Self-calibration recipe of the tests: short windows, so that patch(sparsity=...) on a tiny
 #: model calibrates in well under a second.
 TINY_RECIPE = dict(windows=2, window=16)
-TINY_GENERATION_RECIPE = dict(windows=4, window=16, objective="generation", prompt_docs=2, answer=4, rows=2)
+#: The sizes the tests give the ``generation`` recipe (its search settings stay the library's).
+TINY_GENERATION_RECIPE = dict(windows=4, window=16, prompt_docs=2, answer=4, rows=2)
 
 
 def tiny_tokenizer() -> PreTrainedTokenizerFast:

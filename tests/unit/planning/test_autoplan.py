@@ -469,6 +469,8 @@ def test_default_objective_calibrates_on_generation_windows_with_the_attention_s
     # the search scored answers after a prompt: windows of prompt_docs whole documents, half a third, the answer
     assert plan.meta["calib_windows"] == 2 * recipe.rows
     assert plan.meta["calib_seq_len"] == (recipe.prompt_docs + 1) * recipe.window
+    # it grew from the end of the model, the last layer included
+    assert plan.meta["deepest"] == recipe.deepest == 4 and plan.meta["exclude"] == [0]
     assert install.handle(model).options.keep_recent == 32
     fp = model_fingerprint(model)
     path = plancache.plan_path(fp, 0.2, THIRD, "attention", recipe.key())
@@ -506,5 +508,6 @@ def test_embedded_model_ships_generation_and_perplexity_plans():
         assert len(generation) == 1 and generation[0]["sparsity"] == 0.4
         plan = generation[0]["plan"]
         assert plan.meta["recipe"] == selfcalib.Recipe(objective="generation", windows=8, window=128, prompt_docs=2,
-                                                        answer=64, rows=4).to_dict()
+                                                        answer=64, rows=4, exclude=(0,), deepest=4).to_dict()
         assert plan_at_round(plan, 9).sparsity == pytest.approx(0.2)
+        assert min(plan_at_round(plan, 9).selection_layers) >= 20  # grown from the end

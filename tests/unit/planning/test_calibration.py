@@ -167,6 +167,23 @@ def test_shortlist_limits_later_rounds():
         SearchConfig(0.1, shortlist=0)
 
 
+def test_deepest_grows_the_plan_from_the_end():
+    model = cheap_layer_model()  # 6 layers, layer CHEAP = 3 costs nothing
+    runner = LossRunner(model, sampled_ids(model, rows=2, seq=16))
+    free = search_plan(runner, SearchConfig(2 * (2 / 3) / 6, exclude=(0,)), progress=False)
+    assert free.meta["rounds"][0]["layer"] == CHEAP and free.meta["deepest"] is None
+    plan = search_plan(runner, SearchConfig(3 * (2 / 3) / 6, exclude=(0,), deepest=2), progress=False)
+    dense = set(range(1, 6))
+    for step in plan.meta["rounds"]:  # every round took one of the two deepest layers still dense
+        assert step["layer"] in sorted(dense)[-2:]
+        dense.remove(step["layer"])
+    assert plan.meta["rounds"][0]["layer"] in (4, 5) and plan.meta["deepest"] == 2
+    assert len(plan.selection_layers) == 3
+    for bad in (0, -1, True, 1.5):
+        with pytest.raises(ValueError, match="deepest"):
+            SearchConfig(0.1, deepest=bad)
+
+
 def two_cheap_layers_model() -> torch.nn.Module:
     """Like :func:`cheap_layer_model` with layers 2 and 3 both near-identity."""
     model = cheap_layer_model()
