@@ -8,7 +8,7 @@ from typing import Any
 NAMES = {
     "dense": "dense",
     "default": "**`patch(model, sparsity=s)`** (default)",
-    "perplexity": "`objective=\"perplexity\"` (the previous default)",
+    "perplexity": "`objective=\"perplexity\"` (the paper's search)",
     "paper": "OrthoRank as published (`objective=\"perplexity\", keep_recent=0`)",
     "selfcalib": "default, self-calibrated (no shipped plan)",
     "sleb": "SLEB (layer removal)",
