@@ -134,7 +134,8 @@ def resolve_plan(
         raise ValueError(
             f"sparsity {sparsity} is out of reach: at keep_ratio {keep_ratio:.3g}, "
             f"{len(SearchConfig(0.1, exclude=recipe.exclude).eligible(n))} of {n} layers may select (the "
-            f"{objective!r} objective leaves layers {list(recipe.exclude)} dense); use sparsity <= {math.floor(limit * 1000) / 1000} or a lower keep_ratio"
+            f"{objective!r} objective leaves layers {list(recipe.exclude)} dense); "
+            f"use sparsity <= {math.floor(limit * 1000) / 1000} or a lower keep_ratio"
         )
     fp = model_fingerprint(model)
     plan = _from_shipped(fp, sparsity, keep_ratio, selector, objective, n, model_type)

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import nn
 import transformers
 from packaging.version import Version
@@ -329,8 +330,6 @@ def sum_over_head_shards(attn: nn.Module, local_heads: int, t: torch.Tensor) -> 
     them all. Scores computed from every head then agree on every rank."""
     if local_heads >= int(attn.config.num_attention_heads):
         return t
-    import torch.distributed as dist
-
     if dist.is_available() and dist.is_initialized():
         dist.all_reduce(t)
     return t

@@ -75,13 +75,17 @@ def recent_attention(
     return probs.sum(dim=(1, 2))
 
 
+def ranks(scores: torch.Tensor) -> torch.Tensor:
+    """Rank of every column among its row's scores ``[batch, seq]`` (0 = lowest; a stable sort makes
+    ties go to the earlier column)."""
+    order = scores.argsort(dim=1, stable=True)
+    return torch.empty_like(order).scatter_(1, order, torch.arange(scores.shape[1], device=scores.device).expand_as(order))
+
+
 def rank_fusion(first: torch.Tensor, second: torch.Tensor) -> torch.Tensor:
     """Scores ``[batch, seq]`` whose order interleaves two rankings (smaller = more important):
     a token's score is its better rank in either, so the top ``k`` holds about the top ``k / 2``
     of each (ties go to ``first``)."""
-    def ranks(s: torch.Tensor) -> torch.Tensor:
-        order = s.argsort(dim=1, stable=True)
-        return torch.empty_like(order).scatter_(1, order, torch.arange(s.shape[1], device=s.device).expand_as(order))
     r1, r2 = ranks(first), ranks(second)
     return torch.minimum(r1, r2).float() + 0.5 * (r2 < r1)
 
@@ -165,11 +169,7 @@ def select_padded(
     candidate = real.clone()
     candidate[rows, sink] = False
     scores.masked_fill_(~candidate, _BLOCKED)
-    # rank of each column among its row's scores (a stable sort makes ties deterministic)
-    order = scores.argsort(dim=1, stable=True)
-    rank = torch.empty_like(order)
-    rank.scatter_(1, order, torch.arange(seq, device=scores.device).expand(batch, seq))
-    picked = candidate & (rank < keep[:, None])
+    picked = candidate & (ranks(scores) < keep[:, None])
     # picked columns first (in column order), then padding columns (discarded slots), then the rest
     group = torch.where(picked, 0, torch.where(real, 2, 1))
     index = (group * seq + torch.arange(seq, device=scores.device)).argsort(dim=1)[:, :k]

@@ -69,6 +69,12 @@ def plan_keep_ratio(plan: Plan) -> float:
     return ratios.pop()
 
 
+def entry_objective(entry: dict[str, Any]) -> str:
+    """The objective of a shipped entry (or a plan's ``meta``); entries written before objectives
+    existed are ``perplexity`` ones."""
+    return str(entry.get("objective", "perplexity"))
+
+
 def read_entries(fingerprint: str, num_layers: int, model_type: str | None, directory: str | Path | None = None) -> list[dict[str, Any]]:
     """The entries shipped for ``fingerprint`` (``[]`` if none; a bad file is skipped with a warning).
 
@@ -89,7 +95,7 @@ def read_entries(fingerprint: str, num_layers: int, model_type: str | None, dire
             plan.check_model(num_layers, model_type)
             entries.append(
                 {"sparsity": float(item["sparsity"]), "keep_ratio": float(item["keep_ratio"]),
-                 "selector": str(item["selector"]), "objective": str(item.get("objective", "perplexity")),
+                 "selector": str(item["selector"]), "objective": entry_objective(item),
                  "plan": plan}
             )
     except (OSError, UnicodeDecodeError, ValueError, TypeError, KeyError) as err:
@@ -144,14 +150,14 @@ def save_shipped_plan(
             data["plans"] = list(old.get("plans", []))
             data["description"] = description or old.get("description", "")
     entry = {"sparsity": round(sparsity, 4), "keep_ratio": round(keep_ratio, 4), "selector": plan.selector,
-             "objective": str(plan.meta.get("objective", "perplexity")),
+             "objective": entry_objective(plan.meta),
              "plan": plan.to_dict()}
     def request(e: dict[str, Any]) -> tuple[Any, ...]:
-        return e.get("sparsity"), e.get("keep_ratio"), e.get("selector"), e.get("objective", "perplexity")
+        return e.get("sparsity"), e.get("keep_ratio"), e.get("selector"), entry_objective(e)
 
     data["plans"] = [e for e in data["plans"] if request(e) != request(entry)]
     data["plans"].append(entry)
-    data["plans"].sort(key=lambda e: (e.get("objective", "perplexity"), e["selector"], e["keep_ratio"], e["sparsity"]))
+    data["plans"].sort(key=lambda e: (entry_objective(e), e["selector"], e["keep_ratio"], e["sparsity"]))
     atomic_write_text(path, json.dumps(data, indent=2) + "\n")
     logger.info("orthorank: shipped plan %s@%.4f written to %s", plan.method, sparsity, path)
     return path

@@ -79,12 +79,7 @@ def main() -> None:
         install(model, spec)
         try:
             right = measure.hits(prompts, measure.answers(model, tokenizer, prompts))
-            row: dict[str, Any] = {}
-            for task in ("passkey", "qa"):
-                for n in lengths:
-                    got = [r for q, r in zip(prompts, right) if q.task == task and q.length == n]
-                    if got:
-                        row[f"{task}@{n}"] = [sum(got), len(got)]
+            row: dict[str, Any] = measure.hits_by_length(prompts, right, lengths)
             row["next_token_ppl"] = round(measure.ppl(measure.next_token_nll(model, windows, probes)), 3)
             plan = orthorank.get_plan(model)
             row["plan"] = None if plan is None else plan.to_dict()

@@ -66,11 +66,7 @@ def fillers(tokenizer: Any) -> dict[str, list[int]]:
 def measure_row(model, tokenizer, prompts, windows, probes, args) -> dict[str, Any]:
     row: dict[str, Any] = {}
     generated = measure.answers(model, tokenizer, prompts, batch_size=args.batch_size)
-    right = measure.hits(prompts, generated)
-    for task in ("passkey", "qa"):
-        for length in args.lengths:
-            sel = [r for p, r in zip(prompts, right) if p.task == task and p.length == length]
-            row[f"{task}@{length}"] = [sum(sel), len(sel)]
+    row.update(measure.hits_by_length(prompts, measure.hits(prompts, generated), args.lengths))
     nll = measure.next_token_nll(model, windows, probes)
     row["next_token_nll"] = nll
     if args.chat:

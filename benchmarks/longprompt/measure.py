@@ -45,6 +45,17 @@ def hits(prompts: Sequence[Prompt], generated: Sequence[str]) -> list[bool]:
     return [is_right(p, g) for p, g in zip(prompts, generated)]
 
 
+def hits_by_length(prompts: Sequence[Prompt], right: Sequence[bool], lengths: Sequence[int]) -> dict[str, list[int]]:
+    """``{"passkey@512": [right, asked], "qa@512": ...}`` for every task and length that has prompts."""
+    counts = {}
+    for task in ("passkey", "qa"):
+        for n in lengths:
+            got = [r for p, r in zip(prompts, right) if p.task == task and p.length == n]
+            if got:
+                counts[f"{task}@{n}"] = [sum(got), len(got)]
+    return counts
+
+
 @torch.inference_mode()
 def next_token_nll(model: nn.Module, windows: torch.Tensor, lengths: Sequence[int]) -> list[float]:
     """NLL of token ``n`` after a prefill of the first ``n`` tokens of each window, for each ``n``
