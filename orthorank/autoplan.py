@@ -31,6 +31,7 @@ from typing import Any
 from torch import nn
 
 from . import compat, plancache, selfcalib, shipped
+from .layer import ranking_key
 from .calibration import SearchConfig, closest_round, plan_at_round, round_sparsities
 from .config import DEFAULT_OBJECTIVE
 from .fingerprint import model_fingerprint
@@ -142,7 +143,7 @@ def resolve_plan(
     if plan is not None:
         logger.info("orthorank: using the plan shipped for this model (fingerprint %s) at sparsity %.3f", fp, sparsity)
         return _tag(plan, "shipped")
-    key = recipe.key()
+    key = search_key(recipe, selector)
     if cache:
         plan = _from_cache(fp, sparsity, keep_ratio, selector, key, n, model_type)
         if plan is not None:
@@ -162,6 +163,11 @@ def resolve_plan(
         100 * (increase or 0.0), where,
     )
     return _tag(plan, "calibrated")
+
+
+def search_key(recipe: selfcalib.Recipe, selector: str) -> str:
+    """The plan-cache key of a search: the recipe's and the selector's ranking's."""
+    return recipe.key() + ranking_key(selector)
 
 
 def check_budget(value: Any) -> float:

@@ -21,7 +21,7 @@ from torch import nn
 from . import compat, hooks
 from .config import tokens_to_keep, tokens_to_keep_per_row
 from .scoring import (
-    Selection, prefer_recent, rank_fusion, recent_attention, select_padded, select_uniform, token_scores,
+    Selection, pool_span, prefer_recent, rank_fusion, recent_attention, select_padded, select_uniform, token_scores,
 )
 
 logger = logging.getLogger(__name__)
@@ -160,6 +160,20 @@ def _gather(t: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
 
 #: Query-aware selectors score tokens by the attention of the prompt's last this many tokens.
 OBSERVED_QUERIES = 16
+
+#: Query-aware selectors give each token the largest attention mass within this many columns
+#: centred on it (odd), so that the tokens around an attended one (the rest of a name, a number,
+#: a fact) are updated with it. SnapKV pools attention scores over neighbouring tokens for the
+#: same reason (Li et al. 2024, arXiv 2404.14469). 1 turns pooling off.
+POOLED_SPAN = 7
+
+def ranking_key(selector: str) -> str:
+    """What decides a selector's ranking besides its name (``""`` when nothing does): part of the
+    plan-cache key, so that plans searched under another ranking are searched again."""
+    if selector in ("attention", "orthogonal+attention") and POOLED_SPAN > 1:
+        return f"-span{POOLED_SPAN}"
+    return ""
+
 
 #: Selected queries are attended in chunks of this many; each chunk reads only the keys up to its
 #: last position, which recovers most of what a causal kernel skips (and bounds the mask's size).
@@ -313,7 +327,8 @@ class SelectiveForward:
         self, x: torch.Tensor, key: torch.Tensor, state: ForwardState, kwargs: dict[str, Any]
     ) -> torch.Tensor:
         """Minus the share of attention each token gets from the prompt's last
-        :data:`OBSERVED_QUERIES` tokens in this layer, ``[batch, seq]`` in [-1, 0]."""
+        :data:`OBSERVED_QUERIES` tokens in this layer, pooled over :data:`POOLED_SPAN` columns,
+        ``[batch, seq]`` in [-1, 0]."""
         attn, batch, device = self.attn, x.shape[0], x.device
         back = torch.arange(OBSERVED_QUERIES, device=device)
         if state.real is None:
@@ -330,6 +345,7 @@ class SelectiveForward:
             query, key[:, :, : state.seq], cols, valid, attn.scaling, state.real, compat.sliding_window(attn)
         )
         mass = compat.sum_over_head_shards(attn, query.shape[1], mass)
+        mass = pool_span(mass, state.sink, POOLED_SPAN)
         return -mass / mass.sum(dim=1, keepdim=True).clamp_min(torch.finfo(mass.dtype).tiny)
 
     def select(self, hidden_states: torch.Tensor, state: ForwardState, kwargs: dict[str, Any]) -> torch.Tensor:

@@ -8,6 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from torch import nn
 
 #: Score of a token that must never be selected (the sink, padding).
 _BLOCKED = float("inf")
@@ -73,6 +74,28 @@ def recent_attention(
     logits = logits.masked_fill(~allowed, -torch.inf)
     probs = torch.softmax(logits, dim=-1).nan_to_num_(0.0)
     return probs.sum(dim=(1, 2))
+
+
+def pool_span(mass: torch.Tensor, sink: torch.Tensor | None, span: int) -> torch.Tensor:
+    """Each column's largest ``mass`` within ``span`` columns centred on it, ``[batch, seq]``.
+
+    The sink's own mass (column 0, or ``sink[b]``) is left out first: it is never selected, and its
+    large share would otherwise lift its neighbours. Padding columns hold no mass (0), so they lift
+    nothing; ``span`` 1 returns ``mass`` unchanged.
+
+    Args:
+        mass: ``[batch, seq]`` attention mass (>= 0).
+        sink: ``[batch]`` column of each row's sink, or ``None`` when it is column 0 of every row.
+        span: an odd window length >= 1.
+    """
+    if span <= 1:
+        return mass
+    mass = mass.clone()
+    if sink is None:
+        mass[:, 0] = 0.0
+    else:
+        mass.scatter_(1, sink.unsqueeze(1), 0.0)
+    return nn.functional.max_pool1d(mass.unsqueeze(1), span, stride=1, padding=span // 2).squeeze(1)
 
 
 def ranks(scores: torch.Tensor) -> torch.Tensor:

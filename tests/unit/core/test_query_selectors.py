@@ -15,7 +15,7 @@ import orthorank
 from orthorank import layer as layer_module
 from orthorank.config import tokens_to_keep
 from orthorank.objective import generation_windows
-from orthorank.scoring import rank_fusion, recent_attention
+from orthorank.scoring import pool_span, rank_fusion, recent_attention
 
 from tests.tiny_models import cache_kwarg, left_padded_batch, tiny_model
 
@@ -76,11 +76,25 @@ def _reference_attention_mass(model, layer_index, x, real, observed):
     return out
 
 
+def _reference_pool(mass, real, span):
+    """Each real column's largest mass within ``span`` columns centred on it, the row's sink (its
+    first real column) left out (a plain loop: the reference)."""
+    out = mass.clone()
+    for b in range(mass.shape[0]):
+        row = mass[b].clone()
+        row[real[b].nonzero()[0, 0]] = 0.0
+        for c in range(mass.shape[1]):
+            out[b, c] = row[max(0, c - span // 2): c + span // 2 + 1].max()
+    return out
+
+
+@pytest.mark.parametrize("span", [1, 3], ids=["unpooled", "pooled3"])
 @pytest.mark.parametrize("padded", [False, True], ids=["batch1", "leftpad3"])
 @pytest.mark.parametrize("attn", ["eager", "sdpa"])
 @pytest.mark.parametrize("arch", ["llama", "mistral"])
-def test_attention_selector_keeps_the_property_and_picks_the_most_attended(arch, attn, padded, monkeypatch):
+def test_attention_selector_keeps_the_property_and_picks_the_most_attended(arch, attn, padded, span, monkeypatch):
     monkeypatch.setattr(layer_module, "OBSERVED_QUERIES", 4)
+    monkeypatch.setattr(layer_module, "POOLED_SPAN", span)
     model = tiny_model(arch, attn)
     if padded:
         ids, mask = left_padded_batch([20, 13, 9], 20)
@@ -99,7 +113,7 @@ def test_attention_selector_keeps_the_property_and_picks_the_most_attended(arch,
     changed = (got["out"] != got["x"]).any(-1)
     torch.testing.assert_close(got["out"][changed], dense[changed], atol=2e-5, rtol=1e-4)
     torch.testing.assert_close(cache.layers[2].keys, dense_cache.layers[2].keys, atol=1e-6, rtol=1e-5)
-    mass = _reference_attention_mass(model, 2, got["x"], real, observed=4)
+    mass = _reference_pool(_reference_attention_mass(model, 2, got["x"], real, observed=4), real, span)
     for b in range(ids.shape[0]):
         cols = real[b].nonzero().flatten()
         k = tokens_to_keep(KEEP, len(cols))
@@ -132,6 +146,16 @@ def test_recent_attention_matches_a_plain_softmax():
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
     windowed = recent_attention(query, key, cols, valid, 0.5, None, window=2)
     assert windowed[0, :6].sum() == 0 and windowed[0, 6:].sum() > 0, "query 7 with a window of 2 sees keys 6 and 7"
+
+
+def test_pool_span_takes_the_largest_neighbour_and_leaves_out_the_sink():
+    mass = torch.tensor([[9.0, 0.1, 0.2, 5.0, 0.3, 0.0, 0.4], [0.0, 0.0, 8.0, 0.5, 0.1, 0.2, 1.0]])
+    sink = torch.tensor([0, 2])
+    got = pool_span(mass, sink, 3)
+    torch.testing.assert_close(got[0], torch.tensor([0.1, 0.2, 5.0, 5.0, 5.0, 0.4, 0.4]))
+    torch.testing.assert_close(got[1], torch.tensor([0.0, 0.0, 0.5, 0.5, 0.5, 1.0, 1.0]))
+    torch.testing.assert_close(pool_span(mass, None, 3)[1], torch.tensor([0.0, 8.0, 8.0, 8.0, 0.5, 1.0, 1.0]))
+    assert pool_span(mass, sink, 1) is mass
 
 
 def test_rank_fusion_keeps_the_best_of_both_rankings():

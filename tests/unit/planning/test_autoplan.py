@@ -19,6 +19,7 @@ import torch
 import orthorank
 from benchmarks import ship_plans
 from orthorank import autoplan, install, plancache, selfcalib, shipped
+from orthorank import layer as layer_module
 from orthorank.calibration import plan_at_round
 from orthorank.fingerprint import model_fingerprint
 from orthorank.plan import layers_plan
@@ -473,13 +474,22 @@ def test_default_objective_calibrates_on_generation_windows_with_the_attention_s
     assert plan.meta["deepest"] == recipe.deepest == 4 and plan.meta["exclude"] == [0]
     assert install.handle(model).options.keep_recent == 32
     fp = model_fingerprint(model)
-    path = plancache.plan_path(fp, 0.2, THIRD, "attention", recipe.key())
+    path = plancache.plan_path(fp, 0.2, THIRD, "attention", autoplan.search_key(recipe, "attention"))
     assert path.is_file(), "the generation plan is cached under its own recipe key"
     again = orthorank.patch(tiny_model(), sparsity=0.2)
     assert orthorank.get_plan(again).meta["origin"] == "cache" and orthorank.get_plan(again) == plan
     other = orthorank.patch(tiny_model(), sparsity=0.2, objective="perplexity", progress=False)
     assert orthorank.get_plan(other).selector == "orthogonal" and install.handle(other).options.keep_recent == 1
     assert orthorank.get_plan(other).meta["objective"] == "perplexity"
+
+
+def test_the_cache_key_changes_with_the_query_aware_ranking(monkeypatch):
+    recipe = selfcalib.GENERATION_RECIPE
+    assert autoplan.search_key(recipe, "orthogonal") == recipe.key()
+    pooled = autoplan.search_key(recipe, "attention")
+    monkeypatch.setattr(layer_module, "POOLED_SPAN", 1)
+    unpooled = autoplan.search_key(recipe, "attention")
+    assert unpooled == recipe.key() and pooled != unpooled, "plans searched under another ranking are not reused"
 
 
 def test_quality_report_names_the_objective_metric():
