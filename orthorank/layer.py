@@ -167,6 +167,7 @@ OBSERVED_QUERIES = 16
 #: same reason (Li et al. 2024, arXiv 2404.14469). 1 turns pooling off.
 POOLED_SPAN = 7
 
+
 def ranking_key(selector: str) -> str:
     """What decides a selector's ranking besides its name (``""`` when nothing does): part of the
     plan-cache key, so that plans searched under another ranking are searched again."""

@@ -88,7 +88,9 @@ def pool_span(mass: torch.Tensor, sink: torch.Tensor | None, span: int) -> torch
         sink: ``[batch]`` column of each row's sink, or ``None`` when it is column 0 of every row.
         span: an odd window length >= 1.
     """
-    if span <= 1:
+    if span < 1 or span % 2 == 0:
+        raise ValueError(f"span must be an odd number of columns >= 1, got {span}")
+    if span == 1:
         return mass
     mass = mass.clone()
     if sink is None:

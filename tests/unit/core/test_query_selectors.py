@@ -156,6 +156,8 @@ def test_pool_span_takes_the_largest_neighbour_and_leaves_out_the_sink():
     torch.testing.assert_close(got[1], torch.tensor([0.0, 0.0, 0.5, 0.5, 0.5, 1.0, 1.0]))
     torch.testing.assert_close(pool_span(mass, None, 3)[1], torch.tensor([0.0, 8.0, 8.0, 8.0, 0.5, 1.0, 1.0]))
     assert pool_span(mass, sink, 1) is mass
+    with pytest.raises(ValueError, match="odd"):
+        pool_span(mass, sink, 4)
 
 
 def test_rank_fusion_keeps_the_best_of_both_rankings():
