@@ -10,7 +10,8 @@ README table uses seed 0; another seed gives prompts it never saw). The file map
     {"file": "plan.json", "sparsity": 0.2}      a saved search, at its round closest to 0.2
     {"layers": {"20": 0.333, "21": 0.333}}      these keep ratios, the others dense
 
-each with optional ``"selector"`` and ``"keep_recent"``.
+each with optional ``"selector"``, ``"keep_recent"`` and ``"pooled_span"`` (the span of the
+``attention`` ranking's pooling, :data:`orthorank.layer.POOLED_SPAN`, for that plan only).
 
     python -m benchmarks.experiments.plan_probe --plans plans.json --qa --seed 1 --out probe.json
 """
@@ -26,6 +27,7 @@ from typing import Any
 import torch
 
 import orthorank
+from orthorank import layer
 from orthorank.calibration import closest_round
 from orthorank.plan import Plan
 
@@ -74,8 +76,10 @@ def main() -> None:
     windows = tasks.prose_windows(tokenizer, list(wiki_texts("eval"))[400:], max(lengths) + 1, 8)
     probes = tasks.probe_lengths(16, max(lengths), args.probes, seed=args.seed)
     results: dict[str, Any] = {"settings": {k: str(v) for k, v in vars(args).items()}, "rows": {}}
+    pooled_span = layer.POOLED_SPAN
     for name, spec in json.loads(args.plans.read_text()).items():
         started = time.perf_counter()
+        layer.POOLED_SPAN = int(spec.get("pooled_span", pooled_span))
         install(model, spec)
         try:
             right = measure.hits(prompts, measure.answers(model, tokenizer, prompts))
@@ -85,6 +89,7 @@ def main() -> None:
             row["plan"] = None if plan is None else plan.to_dict()
         finally:
             orthorank.unpatch(model)
+            layer.POOLED_SPAN = pooled_span
         row["seconds"] = round(time.perf_counter() - started, 1)
         results["rows"][name] = row
         print(name, {k: v for k, v in row.items() if k != "plan"}, flush=True)
