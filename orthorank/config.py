@@ -14,6 +14,9 @@ import torch
 #: rankings.
 SELECTORS: tuple[str, ...] = ("orthogonal", "least_orthogonal", "random", "attention", "orthogonal+attention")
 
+#: The selectors that rank by the attention of the prompt's latest tokens (query-aware).
+QUERY_AWARE_SELECTORS: tuple[str, ...] = ("attention", "orthogonal+attention")
+
 #: What a selection layer does with a forward pass that continues a cache (a decode step, or a
 #: chunk after the first): ``dense`` runs the original layer; ``bypass`` writes the new tokens'
 #: keys/values and passes their hidden states through unchanged.

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from . import compat, hooks
-from .config import tokens_to_keep, tokens_to_keep_per_row
+from .config import QUERY_AWARE_SELECTORS, tokens_to_keep, tokens_to_keep_per_row
 from .scoring import (
     Selection, pool_span, prefer_recent, rank_fusion, recent_attention, select_padded, select_uniform, token_scores,
 )
@@ -171,7 +171,7 @@ POOLED_SPAN = 7
 def ranking_key(selector: str) -> str:
     """What decides a selector's ranking besides its name (``""`` when nothing does): part of the
     plan-cache key, so that plans searched under another ranking are searched again."""
-    if selector in ("attention", "orthogonal+attention") and POOLED_SPAN > 1:
+    if selector in QUERY_AWARE_SELECTORS and POOLED_SPAN > 1:
         return f"-span{POOLED_SPAN}"
     return ""
 
@@ -317,7 +317,7 @@ class SelectiveForward:
 
     def _scores(self, x: torch.Tensor, key: torch.Tensor, state: ForwardState, kwargs: dict[str, Any]) -> torch.Tensor:
         """``[batch, seq]`` scores of the layer's selector (smaller = more important, all >= -1)."""
-        if self.selector not in ("attention", "orthogonal+attention"):
+        if self.selector not in QUERY_AWARE_SELECTORS:
             return token_scores(x, state.sink, self.selector, self._generator(x.device))
         attended = self._attention_scores(x, key, state, kwargs)
         if self.selector == "attention":
