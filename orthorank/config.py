@@ -34,6 +34,15 @@ DEFAULT_KEEP_RATIO: float = 1.0 / 3.0
 #: answers agree longer with dense, and full-window perplexity moves by under 2.5%.
 DEFAULT_KEEP_RECENT: int = 32
 
+#: Default floor of the tokens a selection layer updates in a row (``keep_min``): at least this
+#: many, so prompts under ``keep_min / keep_ratio`` tokens save less, and prompts of ``keep_min``
+#: tokens or fewer run the dense layers. A short prompt costs little to
+#: prefill, and there a third of the tokens is too few: on the embedded SmolLM2-135M-Instruct at
+#: sparsity 0.2 the next token after prefixes of 16-191 tokens had perplexity x1.10 of dense's
+#: without the floor and x1.03 with it, over four prompt seeds (prefixes of 192 tokens and more
+#: are untouched; benchmarks/RESEARCH.md, 2026-11-30 "A floor of updated tokens").
+DEFAULT_KEEP_MIN: int = 64
+
 #: What a plan is chosen for. ``generation``: prompts that are prefilled and then generated from
 #: (chat, documents, retrieval, loglikelihoods of short continuations): plans searched on the loss
 #: of answers after a prefill, half of them recalled from the prompt, with the query-aware
@@ -44,10 +53,14 @@ OBJECTIVES: tuple[str, ...] = ("generation", "perplexity")
 #: Default objective of ``orthorank.patch``.
 DEFAULT_OBJECTIVE: str = "generation"
 
-#: The selector and ``keep_recent`` of each objective, used when ``patch`` is not given them.
-#: ``perplexity`` keeps only the last token first: on short documents scored token by token
-#: (lm-eval rolling perplexity, median 113 tokens) ``keep_recent=32`` cost 24% (README, docs).
-OBJECTIVE_DEFAULTS: dict[str, tuple[str, int]] = {"generation": ("attention", 32), "perplexity": ("orthogonal", 1)}
+#: The selector, ``keep_recent`` and ``keep_min`` of each objective, used when ``patch`` is not
+#: given them. ``perplexity`` keeps only the last token first: on short documents scored token by
+#: token (lm-eval rolling perplexity, median 113 tokens) ``keep_recent=32`` cost 24% (README,
+#: docs); it has no floor, as the paper's method.
+OBJECTIVE_DEFAULTS: dict[str, tuple[str, int, int]] = {
+    "generation": ("attention", DEFAULT_KEEP_RECENT, DEFAULT_KEEP_MIN),
+    "perplexity": ("orthogonal", 1, 0),
+}
 
 #: Default overall sparsity of ``orthorank.patch(model)``.
 DEFAULT_SPARSITY: float = 0.2
@@ -79,21 +92,27 @@ def check_choice(name: str, value: object, allowed: tuple[str, ...]) -> str:
     return value  # type: ignore[return-value]
 
 
-def tokens_to_keep(keep_ratio: float, n_tokens: int) -> int:
+def tokens_to_keep(keep_ratio: float, n_tokens: int, keep_min: int = 0) -> int:
     """Number of tokens a selection layer updates in a row of ``n_tokens`` real tokens.
 
-    ``ceil(keep_ratio * n_tokens)``, capped at ``n_tokens - 1`` because the sink (the row's first
-    real token) is never selected. Rounding up means a layer never updates fewer tokens than the
-    ratio asks for. A tiny tolerance absorbs float error (``0.1 * 30`` is ``3.0000000000000004``).
+    ``max(ceil(keep_ratio * n_tokens), keep_min)``, capped at ``n_tokens - 1`` because the sink
+    (the row's first real token) is not selected; a row of at most ``keep_min`` tokens is updated
+    whole, sink included (the dense layer). Rounding up means a layer never updates fewer tokens
+    than the ratio asks for. A tiny tolerance absorbs float error (``0.1 * 30`` is
+    ``3.0000000000000004``).
     """
+    if n_tokens <= keep_min:
+        return n_tokens
     if n_tokens <= 1:
         return 0
-    return min(n_tokens - 1, math.ceil(keep_ratio * n_tokens - 1e-9))
+    return min(n_tokens - 1, max(keep_min, math.ceil(keep_ratio * n_tokens - 1e-9)))
 
 
-def tokens_to_keep_per_row(keep_ratio: float, n_tokens: torch.Tensor) -> torch.Tensor:
+def tokens_to_keep_per_row(keep_ratio: float, n_tokens: torch.Tensor, keep_min: int = 0) -> torch.Tensor:
     """:func:`tokens_to_keep` for every row at once: ``n_tokens`` ``[batch]`` -> ``[batch]``."""
-    return torch.minimum(n_tokens - 1, torch.ceil(keep_ratio * n_tokens - 1e-9).long()).clamp_min(0)
+    k = torch.ceil(keep_ratio * n_tokens - 1e-9).long().clamp_min(keep_min)
+    k = torch.minimum(n_tokens - 1, k).clamp_min(0)
+    return torch.where(n_tokens <= keep_min, n_tokens, k)
 
 
 @dataclass(frozen=True)
@@ -106,15 +125,22 @@ class PatchOptions:
             (within the keep budget, the latest first): the last one's output is the next-token
             prediction that ``generate`` reads. ``0`` ranks every token by its score alone.
         seed: seed of the ``random`` selector (each layer draws from its own generator).
+        keep_min: a selection layer updates at least this many tokens of a row, and a row of
+            at most ``keep_min`` tokens whole (the dense layer). ``0``: the keep ratio alone. The class default is ``0`` (the bare
+            mechanism, as calibration runs it); :func:`orthorank.patch` sets
+            :data:`DEFAULT_KEEP_MIN` for the ``generation`` objective.
     """
 
     decode: str = "dense"
     keep_recent: int = DEFAULT_KEEP_RECENT
     seed: int = 0
+    keep_min: int = 0
 
     def __post_init__(self) -> None:
         check_choice("decode", self.decode, DECODE_POLICIES)
-        if isinstance(self.keep_recent, bool) or not isinstance(self.keep_recent, int) or self.keep_recent < 0:
-            raise ValueError(f"keep_recent must be an int >= 0 (tokens), got {self.keep_recent!r}")
+        for name in ("keep_recent", "keep_min"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"{name} must be an int >= 0 (tokens), got {value!r}")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise TypeError(f"seed must be an int, got {type(self.seed).__name__}")

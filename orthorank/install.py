@@ -107,7 +107,7 @@ def install(model: nn.Module, new_plan: Plan, options: PatchOptions, spec: compa
         else:
             forward = SelectiveForward(
                 layer, ratio, new_plan.selector, options.decode, options.keep_recent, new.context, spec,
-                seed=options.seed + i,
+                seed=options.seed + i, keep_min=options.keep_min,
             )
         forward.original = compat.install_forward(layer, forward)
         if isinstance(forward, SelectiveForward):
@@ -200,8 +200,9 @@ def layer_stats(model: nn.Module) -> dict[int, LayerStats]:
 @contextlib.contextmanager
 def plan_installed(model: nn.Module, plan: Plan) -> Iterator[nn.Module]:
     """``plan`` installed inside the block, for tools that evaluate many plans (calibration,
-    tables): the default options, nothing logged or warned. On exit the model returns to what it
-    was before: dense, or its previous plan."""
+    tables): the default options (:class:`PatchOptions`: no ``keep_min`` floor, so windows shorter
+    than ``keep_min / keep_ratio`` are measured with the bare keep ratio), nothing logged or
+    warned. On exit the model returns to what it was before: dense, or its previous plan."""
     previous = handle(model)
     plan.check_model(len(compat.decoder_layers(model)), compat.unwrap(model).config.model_type)
     install(model, plan, PatchOptions(), compat.arch_spec(model))

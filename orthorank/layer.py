@@ -237,6 +237,7 @@ class SelectiveForward:
         context: ForwardContext,
         spec: compat.ArchSpec,
         seed: int = 0,
+        keep_min: int = 0,
     ) -> None:
         self.layer = layer
         self.attn = layer.self_attn
@@ -244,6 +245,7 @@ class SelectiveForward:
         self.selector = selector
         self.decode = decode
         self.keep_recent = keep_recent
+        self.keep_min = keep_min
         self.context = context
         self.q_norm = getattr(self.attn, "q_norm", None) if spec.qk_norm else None
         self.k_norm = getattr(self.attn, "k_norm", None) if spec.qk_norm else None
@@ -303,16 +305,16 @@ class SelectiveForward:
         if state.real is None:
             n = state.seq if state.prompt is None else state.prompt
             prefer_recent(scores, n, self.keep_recent)
-            k = tokens_to_keep(self.keep_ratio, n)
+            k = tokens_to_keep(self.keep_ratio, n, self.keep_min)
             if state.prompt is not None:  # the generated columns are always updated
                 scores[:, n:] = -torch.inf
                 k += state.seq - n
             return select_uniform(scores, k) if k > 0 else None
         prefer_recent(scores, state.last + 1, self.keep_recent, state.sink)
-        k = tokens_to_keep(self.keep_ratio, state.n_max)
+        k = tokens_to_keep(self.keep_ratio, state.n_max, self.keep_min)
         if k == 0:
             return None
-        keep = tokens_to_keep_per_row(self.keep_ratio, state.n_real)
+        keep = tokens_to_keep_per_row(self.keep_ratio, state.n_real, self.keep_min)
         return select_padded(scores, state.real, state.sink, keep, k)
 
     def _scores(self, x: torch.Tensor, key: torch.Tensor, state: ForwardState, kwargs: dict[str, Any]) -> torch.Tensor:

@@ -79,6 +79,7 @@ def patch(
     selector: str | None = None,
     decode: str = "dense",
     keep_recent: int | None = None,
+    keep_min: int | None = None,
     seed: int = 0,
     cache: bool = True,
     progress: bool = True,
@@ -100,16 +101,22 @@ def patch(
         objective: what the plan of ``sparsity`` / ``max_ppl_increase`` is chosen for:
             ``generation`` (default: prompts prefilled, then generated from; the plans keep what the
             prompt says) or ``perplexity`` (every token of a text scored, the paper's search).
-            It also sets the defaults of ``selector`` and ``keep_recent``
-            (:data:`orthorank.config.OBJECTIVE_DEFAULTS`: ``attention`` and 32, ``orthogonal`` and 1).
+            It also sets the defaults of ``selector``, ``keep_recent`` and ``keep_min``
+            (:data:`orthorank.config.OBJECTIVE_DEFAULTS`: ``attention``, 32 and 64;
+            ``orthogonal``, 1 and 0).
         selector: ``attention`` (query-aware: the tokens the prompt's latest tokens attend to most
             in the layer), ``orthogonal`` (OrthoRank: most sink-orthogonal first),
             ``orthogonal+attention`` (both rankings interleaved), ``least_orthogonal`` or
-            ``random`` (controls). ``selector="orthogonal", keep_recent=0`` is the paper's method.
+            ``random`` (controls). ``selector="orthogonal", keep_recent=0, keep_min=0`` is the
+            paper's method.
         decode: what selection layers do in decode steps: ``dense`` (default) or ``bypass``.
         keep_recent: each row's last ``keep_recent`` tokens are selected first (the latest first),
             within the ``keep_ratio`` slots; the last token's output is the next-token prediction
             ``generate`` reads. ``0``: every token is ranked by the selector alone (the paper).
+        keep_min: a selection layer updates at least this many tokens of each row, so a prompt
+            of up to ``keep_min`` tokens runs the dense layers and one under
+            ``keep_min / keep_ratio`` tokens saves less; long prompts are untouched. ``0``: the
+            keep ratio alone (the paper).
         seed: seed of the ``random`` selector.
         cache: read and write the plan cache (``$ORTHORANK_CACHE/plans``) when calibrating.
         progress: show progress bars when a plan is calibrated.
@@ -122,9 +129,14 @@ def patch(
     """
     spec = compat.arch_spec(model)
     keep_ratio = check_fraction("keep_ratio", keep_ratio, low_open=True, high_open=True)
-    default_selector, default_recent = OBJECTIVE_DEFAULTS[check_choice("objective", objective, OBJECTIVES)]
+    default_selector, default_recent, default_min = OBJECTIVE_DEFAULTS[check_choice("objective", objective, OBJECTIVES)]
     selector = default_selector if selector is None else selector
-    options = PatchOptions(decode=decode, keep_recent=default_recent if keep_recent is None else keep_recent, seed=seed)
+    options = PatchOptions(
+        decode=decode,
+        keep_recent=default_recent if keep_recent is None else keep_recent,
+        seed=seed,
+        keep_min=default_min if keep_min is None else keep_min,
+    )
     new_plan = _make_plan(model, sparsity, layers, keep_ratio, plan, selector, objective, max_ppl_increase, cache, progress)
     autoplan.report_quality(new_plan, warn=max_ppl_increase is None, stacklevel=2)
     install(model, new_plan, options, spec)

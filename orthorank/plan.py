@@ -305,17 +305,19 @@ def _keep_ratios(plan: Plan | None, c: LayerCosts) -> tuple[float, ...]:
     return ratios
 
 
-def prefill_flops(config: Any, plan: Plan | None, seq: int, logits_tokens: int = 1) -> float:
+def prefill_flops(config: Any, plan: Plan | None, seq: int, logits_tokens: int = 1, keep_min: int = 0) -> float:
     """FLOPs of one row's forward over ``seq`` tokens that starts the sequence (no cache).
 
     A selection layer computes key/value for every token and the rest (query, output, MLP,
-    attention) for the ``tokens_to_keep(r, seq)`` tokens it updates, their positions assumed spread
-    evenly (attention costs ``k / seq`` of the dense layer's).
+    attention) for the ``tokens_to_keep(r, seq, keep_min)`` tokens it updates, their positions
+    assumed spread evenly (attention costs ``k / seq`` of the dense layer's).
 
     Args:
         plan: ``None`` (or a dense plan) for the dense model.
         logits_tokens: tokens whose logits are computed (1 as in ``generate``'s prefill, ``seq``
             for a full forward).
+        keep_min: the patch's floor of updated tokens (``PatchOptions.keep_min``; it matters only
+            when ``seq < keep_min / r``).
     """
     if isinstance(seq, bool) or not isinstance(seq, int) or seq < 1:
         raise ValueError(f"seq must be a positive int, got {seq!r}")
@@ -325,7 +327,7 @@ def prefill_flops(config: Any, plan: Plan | None, seq: int, logits_tokens: int =
     for ratio in _keep_ratios(plan, c):
         if ratio == 0.0:
             continue
-        k = seq if ratio == 1.0 else tokens_to_keep(ratio, seq)
+        k = seq if ratio == 1.0 else tokens_to_keep(ratio, seq, keep_min)
         total += seq * c.key_value + k * (c.query + c.output + c.mlp) + dense_attention * k / seq
     return total + logits_tokens * c.head
 

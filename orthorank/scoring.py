@@ -79,8 +79,8 @@ def recent_attention(
 def pool_span(mass: torch.Tensor, sink: torch.Tensor | None, span: int) -> torch.Tensor:
     """Each column's largest ``mass`` within ``span`` columns centred on it, ``[batch, seq]``.
 
-    The sink's own mass (column 0, or ``sink[b]``) is left out first: it is never selected, and its
-    large share would otherwise lift its neighbours. Padding columns hold no mass (0), so they lift
+    The sink's own mass (column 0, or ``sink[b]``) is left out first: it is not ranked (a row is
+    kept whole or without it), and its large share would otherwise lift its neighbours. Padding columns hold no mass (0), so they lift
     nothing; ``span`` 1 returns ``mass`` unchanged.
 
     Args:
@@ -163,7 +163,8 @@ class Selection:
 
 
 def select_uniform(scores: torch.Tensor, k: int) -> Selection:
-    """Rows without padding: the ``k`` lowest scores of each row, sink (column 0) excluded.
+    """Rows without padding: the ``k`` lowest scores of each row, sink (column 0) last (taken
+    only when ``k`` is the whole row).
 
     Ties go to the earlier column, as in :func:`select_padded`, so that a row selects the same
     tokens alone and in a padded batch (equal scores are common in a first layer: a repeated token
@@ -180,19 +181,21 @@ def select_uniform(scores: torch.Tensor, k: int) -> Selection:
 def select_padded(
     scores: torch.Tensor, real: torch.Tensor, sink: torch.Tensor, keep: torch.Tensor, k: int
 ) -> Selection:
-    """Rows with padding: row ``b`` keeps its ``keep[b]`` lowest-scoring real, non-sink tokens.
+    """Rows with padding: row ``b`` keeps its ``keep[b]`` lowest-scoring real, non-sink tokens
+    (all its real tokens, sink included, when ``keep[b]`` is their number).
 
     Args:
         scores: ``[batch, seq]`` scores (modified in place).
         real: ``[batch, seq]`` bool, True for real (non-padding) tokens.
         sink: ``[batch]`` column of each row's sink.
-        keep: ``[batch]`` number of tokens to keep per row (each at most the row's real tokens - 1).
+        keep: ``[batch]`` number of tokens to keep per row (at most the row's real tokens - 1, or
+            all of them).
         k: ``keep.max()``, known on the host (no device sync here).
     """
     batch, seq = scores.shape
     rows = torch.arange(batch, device=scores.device)
     candidate = real.clone()
-    candidate[rows, sink] = False
+    candidate[rows, sink] = keep >= real.sum(dim=1)  # the sink only when the whole row is kept
     scores.masked_fill_(~candidate, _BLOCKED)
     picked = candidate & (ranks(scores) < keep[:, None])
     # picked columns first (in column order), then padding columns (discarded slots), then the rest

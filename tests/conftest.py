@@ -1,14 +1,16 @@
-"""Fixtures every test gets: two torch threads, and its own plan cache and self-calibration recipes."""
+"""Fixtures every test gets: two torch threads, its own plan cache and self-calibration recipes,
+and no floor of updated tokens by default (tiny test prompts are shorter than it)."""
 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Iterator
 
 import pytest
 import torch
 
 from benchmarks.embedded import DEFAULT_MODEL
-from orthorank import selfcalib
+from orthorank import config, selfcalib
 from orthorank.plancache import cache_root
 from tests.tiny_models import TINY_GENERATION_RECIPE, TINY_RECIPE
 
@@ -32,3 +34,19 @@ def _plan_cache(tmp_path_factory, monkeypatch) -> None:
     monkeypatch.setenv("ORTHORANK_CACHE", str(root))
     monkeypatch.setattr(selfcalib, "RECIPE", selfcalib.Recipe(**TINY_RECIPE))
     monkeypatch.setattr(selfcalib, "GENERATION_RECIPE", dataclasses.replace(selfcalib.GENERATION_RECIPE, **TINY_GENERATION_RECIPE))
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _no_keep_min() -> Iterator[None]:
+    """``patch`` without a ``keep_min`` floor unless a test asks for one: the tiny models' prompts
+    (8-48 tokens) are shorter than :data:`orthorank.config.DEFAULT_KEEP_MIN`, under which every
+    token would be updated and the selection would go untested. Session-wide, so that module
+    fixtures get it too. Tests of the floor pass ``keep_min`` or read :data:`REAL_OBJECTIVE_DEFAULTS`."""
+    with pytest.MonkeyPatch.context() as mp:
+        for objective, (selector, recent, _) in REAL_OBJECTIVE_DEFAULTS.items():
+            mp.setitem(config.OBJECTIVE_DEFAULTS, objective, (selector, recent, 0))
+        yield
+
+
+#: The library's objective defaults, as imported (before :func:`_no_keep_min`).
+REAL_OBJECTIVE_DEFAULTS: dict[str, tuple[str, int, int]] = dict(config.OBJECTIVE_DEFAULTS)

@@ -6,6 +6,7 @@ dense layer on the same input, and compares, with a row-by-row reference of the 
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -30,14 +31,20 @@ def _inputs(padded: bool) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tens
     return ids, None, torch.arange(20)[None]
 
 
-def _expected_selection(x_norm: torch.Tensor, real: torch.Tensor, recent: int = RECENT) -> torch.Tensor:
-    """Reference selection, row by row: K_b real non-sink tokens, the last ``recent`` ones (at
-    most K_b) and those with the smallest |cos| to the sink."""
+def _expected_selection(
+    x_norm: torch.Tensor, real: torch.Tensor, recent: int = RECENT, keep_min: int = 0
+) -> torch.Tensor:
+    """Reference selection, row by row: K_b real non-sink tokens (``ceil(KEEP * n_b)``, at least
+    ``keep_min``, at most ``n_b - 1``), the last ``recent`` ones (at most K_b) and those with the
+    smallest |cos| to the sink; a row of at most ``keep_min`` tokens whole."""
     selected = torch.zeros(real.shape, dtype=torch.bool)
     for b in range(real.shape[0]):
         cols = real[b].nonzero().flatten()
         sink, rest = cols[0], cols[1:]
-        k = tokens_to_keep(KEEP, len(cols))
+        if len(cols) <= keep_min:  # the whole row, sink included
+            selected[b, cols] = True
+            continue
+        k = tokens_to_keep(KEEP, len(cols)) if keep_min == 0 else min(len(rest), max(keep_min, math.ceil(KEEP * len(cols))))
         forced = min(recent, k)
         selected[b, rest[len(rest) - forced :]] = True
         rest, k = rest[: len(rest) - forced], k - forced

@@ -10,8 +10,9 @@ README table uses seed 0; another seed gives prompts it never saw). The file map
     {"file": "plan.json", "sparsity": 0.2}      a saved search, at its round closest to 0.2
     {"layers": {"20": 0.333, "21": 0.333}}      these keep ratios, the others dense
 
-each with optional ``"selector"``, ``"keep_recent"`` and ``"pooled_span"`` (the span of the
-``attention`` ranking's pooling, :data:`orthorank.layer.POOLED_SPAN`, for that plan only).
+each with optional ``"selector"``, ``"keep_recent"``, ``"keep_min"`` and ``"pooled_span"`` (the span
+of the ``attention`` ranking's pooling, :data:`orthorank.layer.POOLED_SPAN`, for that plan only).
+``--probes-only`` measures the next-token perplexity alone (no pass keys or questions).
 
     python -m benchmarks.experiments.plan_probe --plans plans.json --qa --seed 1 --out probe.json
 """
@@ -38,7 +39,7 @@ from ..longprompt.__main__ import fillers
 
 def install(model: torch.nn.Module, spec: dict[str, Any]) -> None:
     """Patch ``model`` as ``spec`` says (see the module docstring); ``{}`` leaves it dense."""
-    options = {k: spec[k] for k in ("selector", "keep_recent") if k in spec}
+    options = {k: spec[k] for k in ("selector", "keep_recent", "keep_min") if k in spec}
     if "layers" in spec:
         ratios = [1.0] * model.config.num_hidden_layers
         for layer, keep in spec["layers"].items():
@@ -60,6 +61,7 @@ def main() -> None:
     p.add_argument("--prompts", type=int, default=8, help="prompts per length and task")
     p.add_argument("--probes", type=int, default=32, help="next-token prefixes, log-uniform in 16..max length")
     p.add_argument("--qa", action="store_true", help="also long-document questions")
+    p.add_argument("--probes-only", action="store_true", help="only the next-token perplexity (no pass keys, no QA)")
     p.add_argument("--seed", type=int, default=0, help="prompt seed (the README table uses 0)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", type=Path)
@@ -69,22 +71,25 @@ def main() -> None:
     texts = fillers(tokenizer)
     lengths = [int(v) for v in args.lengths.split(",")]
     prompts = []
-    for n in lengths:
+    for n in [] if args.probes_only else lengths:
         prompts += tasks.passkey_prompts(tokenizer, texts, n, args.prompts, seed=args.seed)
         if args.qa:
             prompts += tasks.qa_prompts(tokenizer, texts, n, args.prompts, seed=args.seed)
     windows = tasks.prose_windows(tokenizer, list(wiki_texts("eval"))[400:], max(lengths) + 1, 8)
     probes = tasks.probe_lengths(16, max(lengths), args.probes, seed=args.seed)
-    results: dict[str, Any] = {"settings": {k: str(v) for k, v in vars(args).items()}, "rows": {}}
+    results: dict[str, Any] = {"settings": {k: str(v) for k, v in vars(args).items()}, "probes_at": probes, "rows": {}}
     pooled_span = layer.POOLED_SPAN
     for name, spec in json.loads(args.plans.read_text()).items():
         started = time.perf_counter()
         layer.POOLED_SPAN = int(spec.get("pooled_span", pooled_span))
         install(model, spec)
         try:
-            right = measure.hits(prompts, measure.answers(model, tokenizer, prompts))
-            row: dict[str, Any] = measure.hits_by_length(prompts, right, lengths)
-            row["next_token_ppl"] = round(measure.ppl(measure.next_token_nll(model, windows, probes)), 3)
+            row: dict[str, Any] = {}
+            if prompts:
+                row.update(measure.hits_by_length(prompts, measure.hits(prompts, measure.answers(model, tokenizer, prompts)), lengths))
+            nll = measure.next_token_nll(model, windows, probes)
+            row["next_token_ppl"] = round(measure.ppl(nll), 3)
+            row["next_token_nll"] = [round(v, 5) for v in nll]
             plan = orthorank.get_plan(model)
             row["plan"] = None if plan is None else plan.to_dict()
         finally:
@@ -92,7 +97,7 @@ def main() -> None:
             layer.POOLED_SPAN = pooled_span
         row["seconds"] = round(time.perf_counter() - started, 1)
         results["rows"][name] = row
-        print(name, {k: v for k, v in row.items() if k != "plan"}, flush=True)
+        print(name, {k: v for k, v in row.items() if k not in ("plan", "next_token_nll")}, flush=True)
         if args.out:
             args.out.parent.mkdir(parents=True, exist_ok=True)
             args.out.write_text(json.dumps(results, indent=1) + "\n")

@@ -54,6 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="what the plan of --sparsity is chosen for (default %(default)s; perplexity: rolling perplexity)")
     p.add_argument("--keep-recent", type=non_negative_int, default=None,
                    help="each row's latest tokens a selection layer updates first (default: the objective's; 0: score only)")
+    p.add_argument("--keep-min", type=non_negative_int, default=None,
+                   help="the fewest tokens of a row a selection layer updates (default: the objective's; 0: the ratio only)")
     p.add_argument("--tasks", required=True, help="comma-separated lm-eval task or group names")
     p.add_argument("--include-path", action="append", default=None, help="folder of extra task YAMLs (repeatable)")
     p.add_argument("--batch-size", type=positive_int, default=1, help="rows per forward (default 1)")
@@ -86,11 +88,11 @@ def main(argv: list[str] | None = None) -> int:
     model.to(device)
     if plan is not None:
         try:
-            patch(model, plan=plan, objective=args.objective, keep_recent=args.keep_recent)
+            patch(model, plan=plan, objective=args.objective, keep_recent=args.keep_recent, keep_min=args.keep_min)
         except ValueError as err:
             raise SystemExit(f"--plan {args.plan}: {err}") from err
     elif not args.dense:
-        patch(model, sparsity=args.sparsity, objective=args.objective, keep_recent=args.keep_recent)
+        patch(model, sparsity=args.sparsity, objective=args.objective, keep_recent=args.keep_recent, keep_min=args.keep_min)
     start = time.perf_counter()
     result = evaluate(
         model,
@@ -113,6 +115,7 @@ def main(argv: list[str] | None = None) -> int:
         "batch_size": args.batch_size,
         "objective": None if args.dense else args.objective,
         "keep_recent": None if args.dense else handle(model).options.keep_recent,
+        "keep_min": None if args.dense else handle(model).options.keep_min,
         "limit": args.limit,
         "threads": torch.get_num_threads(),
         "seconds": round(time.perf_counter() - start, 1),

@@ -264,6 +264,15 @@ def test_cli_dense_and_plan_file(task_dir: Path, tmp_path: Path) -> None:
     assert _metrics(recent0) != pytest.approx(_metrics(planned), rel=REL), "keep_recent=0 must change the numbers here"
     with pytest.raises(SystemExit):
         main([*common, "--plan", str(tmp_path / "plan.json"), "--keep-recent", "-1"])
+    # --keep-min reaches the patch: a floor above every row runs each token but the sink
+    out = tmp_path / "min.json"
+    assert main([*common, "--plan", str(tmp_path / "plan.json"), "--keep-min", "1000", "--output", str(out)]) == 0
+    floored = json.loads(out.read_text())
+    assert floored["orthorank"]["keep_min"] == 1000 and planned["orthorank"]["keep_min"] == 0
+    direct_min = evaluate(orthorank.patch(tiny_model(), plan=plan, keep_min=1000), tiny_tokenizer(), "tiny_cloze",
+                          batch_size=1, limit=4, include_path=task_dir, bootstrap_iters=0)
+    assert _metrics(floored) == pytest.approx(_metrics(direct_min), rel=REL)
+    assert _metrics(floored) != pytest.approx(_metrics(planned), rel=REL), "keep_min=1000 must change the numbers here"
 
 
 def test_shipped_tasks_load_from_any_directory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -273,6 +273,10 @@ def test_flop_ideal_speedups():
     plan = Plan((1.0, 0.25, 1.0, 1.0))
     expected = 4 * dense_layer / (3 * dense_layer + sel_layer)
     assert flops.ideal_prefill_speedup(config, plan, 64, logits_tokens=0) == pytest.approx(expected)
+    # a floor of 32 updated tokens: the selection layer updates 32 of 64, not 16
+    floored = 64 * c.key_value + 32 * (c.query + c.output + c.mlp) + c.attention_per_key * 64 * 65 / 2 * 32 / 64
+    assert flops.prefill_flops(config, plan, 64, 0, keep_min=32) == pytest.approx(3 * dense_layer + floored)
+    assert flops.prefill_flops(config, plan, 64, 0, keep_min=64) == pytest.approx(4 * dense_layer)  # the whole row
     # decode: dense policy gains nothing from selection layers; bypass keeps only K/V there
     assert flops.ideal_decode_speedup(config, plan, 100) == 1.0
     assert flops.ideal_decode_speedup(config, plan, 100, decode="bypass") > 1.0

@@ -56,6 +56,43 @@ def test_keep_recent_selects_the_latest_tokens_then_by_score(options, recent, pa
     assert torch.equal((got["out"] != got["x"]).any(-1), selected)
 
 
+@pytest.mark.parametrize("padded", [False, True], ids=["batch1", "leftpad3"])
+def test_keep_min_is_a_floor_of_the_updated_tokens(padded):
+    """``keep_min=10``: rows of 20 and 13 real tokens update 10 (the ratio alone: 8 and 6), a row of
+    7 all its tokens, sink included; the updated ones equal the dense layer's output."""
+    model = tiny_model()
+    ids, mask, position_ids = _inputs(padded)
+    orthorank.patch(model, layers=[2], keep_ratio=KEEP, keep_recent=RECENT, keep_min=10, selector="orthogonal")
+    got = _run_with_capture(model, ids, mask, position_ids, DynamicCache(config=model.config))[2]
+    real = mask.bool() if mask is not None else torch.ones(ids.shape, dtype=torch.bool)
+    changed = (got["out"] != got["x"]).any(-1)
+    expected = _expected_selection(model.model.layers[2].input_layernorm(got["x"]), real, keep_min=10)
+    assert torch.equal(changed, expected)
+    assert changed.sum(-1).tolist() == ([10, 10, 7] if padded else [10])
+    dense = _dense_layer(model, 2, got["x"], got["kwargs"], DynamicCache(config=model.config))
+    torch.testing.assert_close(got["out"][changed], dense[changed], atol=2e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("selector", ["orthogonal", "attention"])
+def test_a_prompt_within_keep_min_runs_the_dense_model(selector):
+    model = tiny_model()
+    short = torch.randint(3, 97, (1, 12), generator=torch.Generator().manual_seed(4))
+    long = torch.randint(3, 97, (1, 40), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        dense_short, dense_long = model(input_ids=short).logits, model(input_ids=long).logits
+        orthorank.patch(model, layers=[1, 2, 3], keep_ratio=KEEP, keep_min=12, selector=selector)
+        patched_short, patched_long = model(input_ids=short).logits, model(input_ids=long).logits
+    torch.testing.assert_close(patched_short, dense_short, atol=2e-5, rtol=1e-4)
+    assert (patched_long - dense_long).abs().max() > 1e-3, "40 tokens: above the floor, the ratio's 16 are updated"
+    assert [(s.tokens, s.updated) for s in orthorank.layer_stats(model).values()] == [(52, 28)] * 3
+
+
+@pytest.mark.parametrize("bad", [-1, 2.0, True, "8"])
+def test_keep_min_rejects_bad_values(bad):
+    with pytest.raises(ValueError, match="keep_min must be an int >= 0"):
+        orthorank.patch(tiny_model(), layers=[2], keep_min=bad)
+
+
 @pytest.mark.parametrize("bad", [-1, 2.0, True, "8"])
 def test_keep_recent_rejects_bad_values(bad):
     with pytest.raises(ValueError, match="keep_recent must be an int >= 0"):

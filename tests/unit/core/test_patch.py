@@ -10,11 +10,13 @@ import torch
 from transformers import DynamicCache, GPT2Config, GPT2LMHeadModel, pipeline
 
 import orthorank
-from orthorank.config import PatchOptions
+from orthorank import config
+from orthorank.config import DEFAULT_KEEP_MIN, PatchOptions
 from orthorank.install import handle, running_dense
 from orthorank.layer import SelectiveForward
 from orthorank.plan import layers_plan
 
+from tests.conftest import REAL_OBJECTIVE_DEFAULTS
 from tests.tiny_models import cache_kwarg, left_padded_batch, tiny_model, tiny_tokenizer
 
 
@@ -257,3 +259,17 @@ def test_the_top_level_api_is_small():
     assert all(hasattr(orthorank, name) for name in orthorank.__all__)
     assert not hasattr(orthorank, "PatchOptions")
 
+
+
+@pytest.mark.parametrize("objective,kwargs,expected", [
+    ("generation", {}, DEFAULT_KEEP_MIN), ("perplexity", {}, 0), ("generation", {"keep_min": 5}, 5),
+    ("perplexity", {"keep_min": 7}, 7),
+])
+def test_keep_min_defaults_to_the_objectives(objective, kwargs, expected, monkeypatch):
+    for name, defaults in REAL_OBJECTIVE_DEFAULTS.items():  # the library's, not the tests' (no floor)
+        monkeypatch.setitem(config.OBJECTIVE_DEFAULTS, name, defaults)
+    model = tiny_model()
+    orthorank.patch(model, layers=[1, 2], objective=objective, **kwargs)
+    assert handle(model).options.keep_min == expected
+    assert all(f.keep_min == expected for f in handle(model).forwards.values())
+    assert REAL_OBJECTIVE_DEFAULTS["generation"][2] == DEFAULT_KEEP_MIN > 0

@@ -15,7 +15,7 @@ from tests.tiny_models import tiny_model as shared_tiny_model
 from orthorank import analysis
 from orthorank.analysis import attention, inputs, saturation, sink
 from orthorank.analysis.__main__ import main as cli_main
-from orthorank.config import tokens_to_keep_per_row
+from orthorank.config import tokens_to_keep, tokens_to_keep_per_row
 from orthorank.scoring import sink_cosine
 
 HIDDEN = 8
@@ -330,3 +330,11 @@ def test_cli_writes_figures_and_summary(tmp_path: Path) -> None:
     assert summary["saturation"]["top_k"] == 2 and summary["saturation"]["num_layers"] == LAYERS
     with pytest.raises(SystemExit):
         cli_main(["--keep-ratio", "2", "--out", str(out)])
+
+
+@pytest.mark.parametrize("keep_min", [0, 1, 3, 64])
+def test_keep_count_with_a_floor_per_row_matches_the_scalar_count(keep_min) -> None:
+    n = torch.tensor([0, 1, 2, 3, 5, 9, 10, 200, 400])
+    expected = [v if v <= keep_min else 0 if v <= 1 else min(v - 1, max(keep_min, -(-v // 3))) for v in n.tolist()]
+    assert tokens_to_keep_per_row(1 / 3, n, keep_min).tolist() == expected
+    assert [tokens_to_keep(1 / 3, v, keep_min) for v in n.tolist()] == expected
