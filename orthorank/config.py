@@ -126,9 +126,9 @@ class PatchOptions:
             prediction that ``generate`` reads. ``0`` ranks every token by its score alone.
         seed: seed of the ``random`` selector (each layer draws from its own generator).
         keep_min: a selection layer updates at least this many tokens of a row, and a row of
-            at most ``keep_min`` tokens whole (the dense layer). ``0``: the keep ratio alone. The class default is ``0`` (the bare
-            mechanism, as calibration runs it); :func:`orthorank.patch` sets
-            :data:`DEFAULT_KEEP_MIN` for the ``generation`` objective.
+            at most ``keep_min`` tokens whole (the dense layer). ``0``: the keep ratio alone.
+            The class default is ``0`` (the bare mechanism, as calibration runs it);
+            :func:`orthorank.patch` sets :data:`DEFAULT_KEEP_MIN` for the ``generation`` objective.
     """
 
     decode: str = "dense"

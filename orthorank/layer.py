@@ -315,7 +315,7 @@ class SelectiveForward:
         if k == 0:
             return None
         keep = tokens_to_keep_per_row(self.keep_ratio, state.n_real, self.keep_min)
-        return select_padded(scores, state.real, state.sink, keep, k)
+        return select_padded(scores, state.real, state.sink, keep, k, state.n_real)
 
     def _scores(self, x: torch.Tensor, key: torch.Tensor, state: ForwardState, kwargs: dict[str, Any]) -> torch.Tensor:
         """``[batch, seq]`` scores of the layer's selector (smaller = more important, all >= -1)."""

@@ -80,8 +80,8 @@ def pool_span(mass: torch.Tensor, sink: torch.Tensor | None, span: int) -> torch
     """Each column's largest ``mass`` within ``span`` columns centred on it, ``[batch, seq]``.
 
     The sink's own mass (column 0, or ``sink[b]``) is left out first: it is not ranked (a row is
-    kept whole or without it), and its large share would otherwise lift its neighbours. Padding columns hold no mass (0), so they lift
-    nothing; ``span`` 1 returns ``mass`` unchanged.
+    kept whole or without it), and its large share would otherwise lift its neighbours. Padding
+    columns hold no mass (0), so they lift nothing; ``span`` 1 returns ``mass`` unchanged.
 
     Args:
         mass: ``[batch, seq]`` attention mass (>= 0).
@@ -179,7 +179,7 @@ def select_uniform(scores: torch.Tensor, k: int) -> Selection:
 
 
 def select_padded(
-    scores: torch.Tensor, real: torch.Tensor, sink: torch.Tensor, keep: torch.Tensor, k: int
+    scores: torch.Tensor, real: torch.Tensor, sink: torch.Tensor, keep: torch.Tensor, k: int, n_real: torch.Tensor
 ) -> Selection:
     """Rows with padding: row ``b`` keeps its ``keep[b]`` lowest-scoring real, non-sink tokens
     (all its real tokens, sink included, when ``keep[b]`` is their number).
@@ -191,11 +191,12 @@ def select_padded(
         keep: ``[batch]`` number of tokens to keep per row (at most the row's real tokens - 1, or
             all of them).
         k: ``keep.max()``, known on the host (no device sync here).
+        n_real: ``[batch]`` real tokens per row (``real.sum(dim=1)``, as the caller has it).
     """
     batch, seq = scores.shape
     rows = torch.arange(batch, device=scores.device)
     candidate = real.clone()
-    candidate[rows, sink] = keep >= real.sum(dim=1)  # the sink only when the whole row is kept
+    candidate[rows, sink] = keep >= n_real  # the sink only when the whole row is kept
     scores.masked_fill_(~candidate, _BLOCKED)
     picked = candidate & (ranks(scores) < keep[:, None])
     # picked columns first (in column order), then padding columns (discarded slots), then the rest

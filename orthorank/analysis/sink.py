@@ -74,12 +74,13 @@ def select_tokens(
     last = real.shape[1] - 1 - real.flip(1).int().argmax(dim=1)
     scores = token_scores(normed, sink, "orthogonal")
     prefer_recent(scores, last + 1, keep_recent, sink)
-    keep = tokens_to_keep_per_row(keep_ratio, real.sum(dim=1))
+    n_real = real.sum(dim=1)
+    keep = tokens_to_keep_per_row(keep_ratio, n_real)
     chosen = torch.zeros_like(real)
     k = int(keep.max())
     if k == 0:
         return chosen
-    selection = select_padded(scores, real, sink, keep, k)
+    selection = select_padded(scores, real, sink, keep, k, n_real)
     return chosen.scatter_(1, selection.index, selection.valid)
 
 

@@ -86,13 +86,14 @@ def main(argv: list[str] | None = None) -> int:
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     model, tokenizer = load_pretrained(args.model, dtype=DTYPES[args.dtype])
     model.to(device)
+    options = dict(objective=args.objective, keep_recent=args.keep_recent, keep_min=args.keep_min)
     if plan is not None:
         try:
-            patch(model, plan=plan, objective=args.objective, keep_recent=args.keep_recent, keep_min=args.keep_min)
+            patch(model, plan=plan, **options)
         except ValueError as err:
             raise SystemExit(f"--plan {args.plan}: {err}") from err
     elif not args.dense:
-        patch(model, sparsity=args.sparsity, objective=args.objective, keep_recent=args.keep_recent, keep_min=args.keep_min)
+        patch(model, sparsity=args.sparsity, **options)
     start = time.perf_counter()
     result = evaluate(
         model,
