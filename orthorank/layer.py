@@ -178,7 +178,15 @@ def ranking_key(selector: str) -> str:
 
 #: Selected queries are attended in chunks of this many; each chunk reads only the keys up to its
 #: last position, which recovers most of what a causal kernel skips (and bounds the mask's size).
-QUERY_CHUNK = 128
+#: The remainder is the first chunk, where the keys are fewest: a masked kernel's cost grows with
+#: the keys it reads more than with the queries.
+QUERY_CHUNK = 256
+
+
+def query_chunks(k: int, chunk: int) -> list[slice]:
+    """``k`` selected queries in chunks of ``chunk``, the remainder first: ``[slice, ...]``."""
+    first = k % chunk or min(k, chunk)
+    return [slice(0, first)] + [slice(start, start + chunk) for start in range(first, k, chunk)]
 
 
 def selection_mask(
@@ -416,15 +424,14 @@ class SelectiveForward:
             function = _sdpa_grouped
         window = compat.sliding_window(attn)
         batch, k = index.shape
-        n_chunks = -(-k // QUERY_CHUNK)
-        if n_chunks == 1:
+        chunks = query_chunks(k, QUERY_CHUNK)
+        if len(chunks) == 1:
             ends = [key.shape[2]]
-        else:  # one host sync for all chunks: the keys each chunk needs
-            padded = nn.functional.pad(index, (0, n_chunks * QUERY_CHUNK - k), value=0)
-            ends = (padded.view(batch, n_chunks, QUERY_CHUNK).amax(dim=(0, 2)) + 1).tolist()
+        else:  # one host sync for all chunks: the keys each chunk needs (the remainder padded in front)
+            padded = nn.functional.pad(index, (len(chunks) * QUERY_CHUNK - k, 0), value=0)
+            ends = (padded.view(batch, len(chunks), QUERY_CHUNK).amax(dim=(0, 2)) + 1).tolist()
         outs = []
-        for c, kv_len in enumerate(ends):
-            rows = slice(c * QUERY_CHUNK, (c + 1) * QUERY_CHUNK)
+        for rows, kv_len in zip(chunks, ends):
             mask = selection_mask(layer_mask, index[:, rows], state.seq, kv_len, state.real, window)
             if wants_float and mask.dtype == torch.bool:
                 mask = torch.zeros(mask.shape, dtype=query.dtype, device=mask.device).masked_fill_(

@@ -60,6 +60,9 @@ class Recipe:
         seed: seed of the sampling generator.
         removal: the search may also remove layers (levels ``(1, keep_ratio, 0)``); else it only
             makes selection layers (``(1, keep_ratio)``, the paper's search).
+        low_keep_ratio: a lower keep ratio a selection layer may step down to in a later round
+            (levels ``(1, keep_ratio, low_keep_ratio)``), or ``None``; ignored for a ``keep_ratio``
+            at or below it.
         jumps, shortlist, exclude, deepest: see :class:`orthorank.calibration.SearchConfig`.
         batch_size: windows per forward pass (generation and search).
         objective: ``perplexity`` searches on the whole-window loss of the generated windows;
@@ -79,6 +82,7 @@ class Recipe:
     temperature: float = 1.0
     seed: int = 0
     removal: bool = False
+    low_keep_ratio: float | None = None
     jumps: bool = False
     shortlist: int | None = 10
     exclude: tuple[int, ...] = (0, -1)
@@ -98,6 +102,8 @@ class Recipe:
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise TypeError(f"seed must be an int, got {type(self.seed).__name__}")
         check_batch_size(self.batch_size)
+        if self.low_keep_ratio is not None:
+            check_fraction("low_keep_ratio", self.low_keep_ratio, low_open=True, high_open=True)
         check_choice("objective", self.objective, OBJECTIVES)
         if self.objective == "generation":  # validates the window sizes
             generation_windows(torch.zeros(self.windows, self.window, dtype=torch.long), prompt_docs=self.prompt_docs,
@@ -106,8 +112,10 @@ class Recipe:
                      deepest=self.deepest)  # validates
 
     def levels(self, keep_ratio: float) -> tuple[float, ...]:
-        """Keep ratios the search may give a layer."""
-        return (1.0, keep_ratio, 0.0) if self.removal else (1.0, keep_ratio)
+        """Keep ratios the search may give a layer, descending."""
+        low = self.low_keep_ratio
+        selection = (1.0, keep_ratio) if low is None or low >= keep_ratio else (1.0, keep_ratio, low)
+        return selection + (0.0,) if self.removal else selection
 
     def to_dict(self) -> dict[str, Any]:
         return {**dataclasses.asdict(self), "exclude": list(self.exclude)}
@@ -123,13 +131,15 @@ RECIPE = Recipe()
 #: The recipe of the ``generation`` objective: 8 generated documents of 128 tokens; 4 prompts of
 #: two whole documents and half of a third (320 tokens), each scored on 64 answer tokens twice:
 #: the rest of the third document (continuation) and a span of the first (recall). The search
-#: grows the plan from the end of the model (``deepest=4``: each round picks one of the 4 deepest
-#: dense layers, the last layer included): on the embedded model a search free to pick any layer
-#: chose early layers whose cost the 320-token prompts do not show and lost pass keys at
-#: 512-4096 tokens (docs/results.md). The plans shipped for the embedded model were searched with
-#: it (``benchmarks/experiments/generation_search.py``).
+#: grows the plan from the end of the model (``deepest=4``: each round steps down one of the 4
+#: deepest layers that can still step down, the last layer included): on the embedded model a
+#: search free to pick any layer chose early layers whose cost the 320-token prompts do not show
+#: and lost pass keys at 512-4096 tokens (docs/results.md). A selection layer may later step down
+#: from 1/3 to 1/12 (``low_keep_ratio``): the late layers then carry more of the sparsity, and the
+#: middle layers, which retrieval needs, stay dense longer (benchmarks/RESEARCH.md). The plans
+#: shipped for the embedded model were searched with it (``benchmarks/experiments/generation_search.py``).
 GENERATION_RECIPE = Recipe(objective="generation", windows=8, window=128, prompt_docs=2, answer=64, rows=4,
-                           exclude=(0,), deepest=4)
+                           exclude=(0,), deepest=4, low_keep_ratio=1 / 12)
 
 
 def recipe_for(objective: str) -> Recipe:

@@ -42,6 +42,14 @@ def test_selection_layer_is_dense_where_selected(arch, attn, padded, cache_type,
         assert_layer_property(model, i, got, dense, cache, dense_cache, SELECTION_LAYERS, real, recent=RECENT)
 
 
+@pytest.mark.parametrize("k,chunk,sizes", [(8, 3, [2, 3, 3]), (9, 3, [3, 3, 3]), (2, 3, [2]), (256, 256, [256]),
+                                           (683, 256, [171, 256, 256])])
+def test_query_chunks_cover_the_queries_once_remainder_first(k, chunk, sizes):
+    chunks = orthorank.layer.query_chunks(k, chunk)
+    assert [c.stop - c.start for c in chunks] == sizes
+    assert torch.equal(torch.cat([torch.arange(k)[c] for c in chunks]), torch.arange(k))
+
+
 @pytest.mark.parametrize("padded", [False, True])
 @pytest.mark.parametrize("options,recent", [({}, DEFAULT_KEEP_RECENT), ({"keep_recent": 0}, 0), ({"keep_recent": 1}, 1),
                                             ({"keep_recent": 3}, 3), ({"keep_recent": 50}, 50)])

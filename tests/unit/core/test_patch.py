@@ -10,7 +10,7 @@ import torch
 from transformers import DynamicCache, GPT2Config, GPT2LMHeadModel, pipeline
 
 import orthorank
-from orthorank import config
+from orthorank import autoplan, config
 from orthorank.config import DEFAULT_KEEP_MIN, PatchOptions
 from orthorank.install import handle, running_dense
 from orthorank.layer import SelectiveForward
@@ -81,9 +81,11 @@ def test_sparsity_gives_a_self_calibrated_plan_at_that_sparsity():
     orthorank.patch(model, sparsity=0.2, progress=False)
     plan = orthorank.get_plan(model)
     assert plan.method == "calibrated" and plan.meta["source"] == "self-generated"
-    assert plan.sparsity == pytest.approx(2 * (2 / 3) / 6)  # the closest reachable to 0.2
+    # the round of the search closest to 0.2: within half of what one selection layer adds
+    assert abs(plan.sparsity - 0.2) <= autoplan.step_tolerance(6, 1 / 3)
+    assert all(any(r == pytest.approx(v) for v in (1.0, 1 / 3, 1 / 12)) for r in plan.keep_ratios)
     # the generation search leaves the first layer dense and may use the last one
-    assert len(plan.selection_layers) == 2 and 0 not in plan.selection_layers and plan.meta["exclude"] == [0]
+    assert plan.selection_layers and 0 not in plan.selection_layers and plan.meta["exclude"] == [0]
     orthorank.patch(model)  # the default sparsity is 0.2: the same plan, now from the cache
     assert orthorank.get_plan(model) == plan and orthorank.get_plan(model).meta["origin"] == "cache"
 
@@ -160,7 +162,7 @@ def test_patch_leaves_weights_state_dict_config_and_saved_files_untouched(tmp_pa
         ({"sparsity": 1.5}, ValueError, "[0, 1)"),
         ({"sparsity": -0.1}, ValueError, "[0, 1)"),
         ({"sparsity": "0.2"}, TypeError, "number"),
-        ({"sparsity": 0.7}, ValueError, "sparsity <="),
+        ({"sparsity": 0.9}, ValueError, "sparsity <="),
         ({"layers": [1], "keep_ratio": 0.0}, ValueError, "(0, 1)"),
         ({"layers": [1], "keep_ratio": 1.0}, ValueError, "(0, 1)"),
         ({"layers": [6]}, ValueError, "[0, 5]"),

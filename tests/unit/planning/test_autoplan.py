@@ -4,6 +4,8 @@ ORTHORANK_CACHE and a tiny self-calibration recipe."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import json
 import math
 import os
@@ -20,7 +22,7 @@ import orthorank
 from benchmarks import ship_plans
 from orthorank import autoplan, install, plancache, selfcalib, shipped
 from orthorank import layer as layer_module
-from orthorank.calibration import plan_at_round
+from orthorank.calibration import closest_round, plan_at_round
 from orthorank.fingerprint import model_fingerprint
 from orthorank.plan import layers_plan
 from orthorank.selfcalib import self_generated_ids
@@ -472,6 +474,7 @@ def test_default_objective_calibrates_on_generation_windows_with_the_attention_s
     assert plan.meta["calib_seq_len"] == (recipe.prompt_docs + 1) * recipe.window
     # it grew from the end of the model, the last layer included
     assert plan.meta["deepest"] == recipe.deepest == 4 and plan.meta["exclude"] == [0]
+    assert plan.meta["levels"] == [1.0, 0.333333, 0.083333], "a selection layer may step down to 1/12"
     assert install.handle(model).options.keep_recent == 32
     fp = model_fingerprint(model)
     path = plancache.plan_path(fp, 0.2, THIRD, "attention", autoplan.search_key(recipe, "attention"))
@@ -481,6 +484,18 @@ def test_default_objective_calibrates_on_generation_windows_with_the_attention_s
     other = orthorank.patch(tiny_model(), sparsity=0.2, objective="perplexity", progress=False)
     assert orthorank.get_plan(other).selector == "orthogonal" and install.handle(other).options.keep_recent == 1
     assert orthorank.get_plan(other).meta["objective"] == "perplexity"
+
+
+def test_a_recipe_low_keep_ratio_adds_a_level_below_the_keep_ratio():
+    recipe = selfcalib.Recipe(low_keep_ratio=0.1)
+    assert recipe.levels(0.5) == (1.0, 0.5, 0.1)
+    assert dataclasses.replace(recipe, removal=True).levels(0.5) == (1.0, 0.5, 0.1, 0.0)
+    assert recipe.levels(0.1) == (1.0, 0.1) and recipe.levels(0.05) == (1.0, 0.05)  # not below the keep ratio
+    assert selfcalib.Recipe().levels(0.5) == (1.0, 0.5)
+    assert recipe.key() != selfcalib.Recipe().key(), "plans of another level set are searched again"
+    for bad in (0.0, 1.0, 1.5):
+        with pytest.raises(ValueError, match="low_keep_ratio must be in"):
+            selfcalib.Recipe(low_keep_ratio=bad)
 
 
 def test_the_cache_key_changes_with_the_query_aware_ranking(monkeypatch):
@@ -518,6 +533,9 @@ def test_embedded_model_ships_generation_and_perplexity_plans():
         assert len(generation) == 1 and generation[0]["sparsity"] == 0.4
         plan = generation[0]["plan"]
         assert plan.meta["recipe"] == selfcalib.Recipe(objective="generation", windows=8, window=128, prompt_docs=2,
-                                                        answer=64, rows=4, exclude=(0,), deepest=4).to_dict()
-        assert plan_at_round(plan, 9).sparsity == pytest.approx(0.2)
-        assert min(plan_at_round(plan, 9).selection_layers) >= 20  # grown from the end
+                                                        answer=64, rows=4, exclude=(0,), deepest=4,
+                                                        low_keep_ratio=1 / 12).to_dict()
+        at_02 = closest_round(plan, 0.2)
+        assert at_02.sparsity == pytest.approx(0.2, abs=0.005)
+        assert min(at_02.selection_layers) >= 20  # grown from the end
+        assert sorted(set(at_02.keep_ratios)) == pytest.approx([1 / 12, 1 / 3, 1.0], abs=1e-4)  # both levels
