@@ -39,8 +39,9 @@ DEFAULT_KEEP_RECENT: int = 32
 #: tokens or fewer run the dense layers. A short prompt costs little to
 #: prefill, and there a third of the tokens is too few: on the embedded SmolLM2-135M-Instruct at
 #: sparsity 0.2 the next token after prefixes of 16-191 tokens had perplexity x1.10 of dense's
-#: without the floor and x1.03 with it, over four prompt seeds (prefixes of 192 tokens and more
-#: are untouched; benchmarks/RESEARCH.md, 2026-11-30 "A floor of updated tokens").
+#: without the floor and x1.03 with it, over four prompt seeds (in a layer keeping 1/3, prefixes
+#: of 192 tokens and more are untouched; in one keeping 1/12, of 768; benchmarks/RESEARCH.md,
+#: 2026-11-30 "A floor of updated tokens").
 DEFAULT_KEEP_MIN: int = 64
 
 #: What a plan is chosen for. ``generation``: prompts that are prefilled and then generated from
