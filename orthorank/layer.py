@@ -19,6 +19,9 @@ import torch
 from torch import nn
 
 from . import compat, hooks
+from .attend import (
+    QUERY_CHUNK, gather_rows, query_chunks, rotate, scatter_rows, sdpa_grouped, selection_mask, split_heads,
+)
 from .config import QUERY_AWARE_SELECTORS, tokens_to_keep, tokens_to_keep_per_row
 from .scoring import (
     Selection, pool_span, prefer_recent, rank_fusion, recent_attention, select_padded, select_uniform, token_scores,
@@ -132,32 +135,6 @@ class LayerStats:
     updated: int = 0
 
 
-# --- pieces of the attention, on an arbitrary subset of tokens ---------------------------------
-
-
-def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """RoPE on ``x`` ``[batch, heads, seq, head_dim]`` with ``cos``/``sin`` ``[batch, seq, head_dim]``."""
-    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
-    half = x.shape[-1] // 2
-    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return (x * cos) + (rotated * sin)
-
-
-def _heads(attn: nn.Module, proj: nn.Module, norm: nn.Module | None, x: torch.Tensor) -> torch.Tensor:
-    """``proj(x)`` split into heads, per-head norm if any: ``[batch, heads, seq, head_dim]``."""
-    y = proj(x).view(*x.shape[:2], -1, attn.head_dim)
-    if norm is not None:
-        y = norm(y)
-    return y.transpose(1, 2)
-
-
-def _gather(t: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """Rows of ``t`` ``[batch or 1, seq, dim]`` at ``index`` ``[batch, k]`` -> ``[batch, k, dim]``."""
-    if t.shape[0] != index.shape[0]:
-        t = t.expand(index.shape[0], -1, -1)
-    return t.gather(1, index.unsqueeze(-1).expand(-1, -1, t.shape[-1]))
-
-
 #: Query-aware selectors score tokens by the attention of the prompt's last this many tokens.
 OBSERVED_QUERIES = 16
 
@@ -174,62 +151,6 @@ def ranking_key(selector: str) -> str:
     if selector in QUERY_AWARE_SELECTORS and POOLED_SPAN > 1:
         return f"-span{POOLED_SPAN}"
     return ""
-
-
-#: Selected queries are attended in chunks of this many; each chunk reads only the keys up to its
-#: last position, which recovers most of what a causal kernel skips (and bounds the mask's size).
-#: The remainder is the first chunk, where the keys are fewest: a masked kernel's cost grows with
-#: the keys it reads more than with the queries.
-QUERY_CHUNK = 256
-
-
-def query_chunks(k: int, chunk: int) -> list[slice]:
-    """``k`` selected queries in chunks of ``chunk``, the remainder first: ``[slice, ...]``."""
-    first = k % chunk or min(k, chunk)
-    return [slice(0, first)] + [slice(start, start + chunk) for start in range(first, k, chunk)]
-
-
-def selection_mask(
-    layer_mask: Any, index: torch.Tensor, seq: int, kv_len: int, real: torch.Tensor | None, window: int | None
-) -> torch.Tensor:
-    """Which of the first ``kv_len`` keys each selected query may attend to: ``[batch, 1, k, kv_len]``.
-
-    When the model handed the layer a 4-D mask (``[batch or 1, 1, seq, kv_len]``, boolean or
-    additive float), its rows at the selected queries are used as they are: padding, sliding
-    window and anything else the model encoded stay exactly as in the dense layer. Otherwise (no
-    mask: plain causal; or a 2-D padding mask, as flash-attention receives) a boolean mask is built:
-    causal by column (the pass starts the sequence, so column = position), padding keys excluded,
-    ``query - key < window``; padding slots of a padded selection may see themselves so that no row
-    is empty (their results are discarded).
-    """
-    if isinstance(layer_mask, torch.Tensor) and layer_mask.dim() == 4 and layer_mask.shape[2] == seq:
-        layer_mask = layer_mask[..., :kv_len].expand(index.shape[0], -1, -1, -1)
-        return layer_mask.gather(2, index[:, None, :, None].expand(-1, layer_mask.shape[1], -1, kv_len))
-    key = torch.arange(kv_len, device=index.device)
-    query = index.unsqueeze(-1)
-    allowed = key <= query
-    if window is not None:
-        allowed &= (query - key) < window
-    if real is not None:
-        if real.shape[1] < kv_len:
-            real = nn.functional.pad(real, (0, kv_len - real.shape[1]), value=False)
-        allowed &= real.unsqueeze(1)
-        allowed |= key == query
-    return allowed.unsqueeze(1)
-
-
-def _sdpa_grouped(
-    attn: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor, **kwargs: Any
-) -> tuple[torch.Tensor, None]:
-    """SDPA with grouped key/value heads read in place (``enable_gqa``): ``[batch, q, heads, head_dim]``.
-
-    Used on CPU, where the masked kernel supports grouped heads; elsewhere transformers' sdpa
-    function repeats the key/value heads so that a fused masked kernel can run.
-    """
-    out = nn.functional.scaled_dot_product_attention(
-        query, key, value, attn_mask=mask, scale=kwargs["scaling"], enable_gqa=query.shape[1] != key.shape[1]
-    )
-    return out.transpose(1, 2), None
 
 
 class SelectiveForward:
@@ -285,8 +206,8 @@ class SelectiveForward:
         """K/V of all tokens of ``x`` ``[batch, seq, hidden]`` (normalised), written to the cache."""
         cos, sin = kwargs["position_embeddings"]
         attn = self.attn
-        key = _rotate(_heads(attn, attn.k_proj, self.k_norm, x), cos, sin)
-        value = _heads(attn, attn.v_proj, None, x)
+        key = rotate(split_heads(attn, attn.k_proj, self.k_norm, x), cos, sin)
+        value = split_heads(attn, attn.v_proj, None, x)
         cache = compat.find_cache(kwargs)
         if cache is not None:
             key, value = compat.update_cache(cache, key, value, attn.layer_idx, kwargs)
@@ -351,7 +272,7 @@ class SelectiveForward:
             valid = cols > state.sink.unsqueeze(1)
         cols = cols.clamp_min(0)
         cos, sin = kwargs["position_embeddings"]
-        query = _rotate(_heads(attn, attn.q_proj, self.q_norm, _gather(x, cols)), _gather(cos, cols), _gather(sin, cols))
+        query = rotate(split_heads(attn, attn.q_proj, self.q_norm, gather_rows(x, cols)), gather_rows(cos, cols), gather_rows(sin, cols))
         mass = recent_attention(
             query, key[:, :, : state.seq], cols, valid, attn.scaling, state.real, compat.sliding_window(attn)
         )
@@ -374,12 +295,12 @@ class SelectiveForward:
         if chosen is None:
             return hidden_states
         index = chosen.index
-        residual = _gather(hidden_states, index)
+        residual = gather_rows(hidden_states, index)
         h = residual + attn_out
         h = h + layer.mlp(layer.post_attention_layernorm(h))
         if chosen.valid is not None:
             h = torch.where(chosen.valid.unsqueeze(-1), h, residual)
-        return hidden_states.scatter(1, index.unsqueeze(-1).expand(-1, -1, h.shape[-1]), h)
+        return scatter_rows(hidden_states, index, h)
 
     def _attention(
         self, x: torch.Tensor, state: ForwardState, kwargs: dict[str, Any]
@@ -397,7 +318,7 @@ class SelectiveForward:
         index = chosen.index
         self.stats.updated += index.numel()
         cos, sin = kwargs["position_embeddings"]
-        query = _rotate(_heads(attn, attn.q_proj, self.q_norm, _gather(x, index)), _gather(cos, index), _gather(sin, index))
+        query = rotate(split_heads(attn, attn.q_proj, self.q_norm, gather_rows(x, index)), gather_rows(cos, index), gather_rows(sin, index))
         out = self._attend(query, key, value, index, kwargs.get("attention_mask"), state)
         return chosen, attn.o_proj(out)
 
@@ -421,7 +342,7 @@ class SelectiveForward:
         function, wants_float = compat.attention_function(attn)
         extra = {} if wants_float else {"is_causal": False}
         if not wants_float and query.device.type == "cpu":
-            function = _sdpa_grouped
+            function = sdpa_grouped
         window = compat.sliding_window(attn)
         batch, k = index.shape
         chunks = query_chunks(k, QUERY_CHUNK)

@@ -62,16 +62,16 @@ def recent_attention(
     """
     batch, heads, w, dim = query.shape
     kv_heads, seq = key.shape[1], key.shape[2]
-    q = query.reshape(batch, kv_heads, (heads // kv_heads) * w, dim)
-    logits = torch.matmul(q, key.transpose(-1, -2)).float() * scaling  # [b, kv, g * w, seq]
+    group = heads // kv_heads
+    q = query.reshape(batch, kv_heads, group * w, dim)
+    logits = torch.matmul(q, key.transpose(-1, -2)).float().mul_(scaling)  # [b, kv, g * w, seq]
     pos = torch.arange(seq, device=key.device)
     allowed = (pos <= cols.unsqueeze(-1)) & valid.unsqueeze(-1)  # [b, w, seq]
     if window is not None:
         allowed &= (cols.unsqueeze(-1) - pos) < window
     if real is not None:
         allowed &= real.unsqueeze(1)
-    allowed = allowed.unsqueeze(1).repeat(1, 1, heads // kv_heads, 1)  # [b, 1, g * w, seq]
-    logits = logits.masked_fill(~allowed, -torch.inf)
+    logits.view(batch, kv_heads, group, w, seq).masked_fill_(~allowed[:, None, None], -torch.inf)
     probs = torch.softmax(logits, dim=-1).nan_to_num_(0.0)
     return probs.sum(dim=(1, 2))
 

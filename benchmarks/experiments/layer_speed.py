@@ -6,7 +6,7 @@ norm, keys/values of all tokens, scoring and choice, the selected queries (gathe
 their attention, o_proj, MLP and scatter. Last, the masked attention of a third of the queries
 against the whole causal attention, on random tensors of the model's shapes, in interleaved rounds.
 
-    python -m benchmarks.experiments.layer_speed --layer 20 --tokens 2048 --threads 2
+    python -m benchmarks.experiments.layer_speed --layer 20 --tokens 2048 --threads 2 [--keep 0.0833]
 """
 
 from __future__ import annotations
@@ -21,7 +21,8 @@ import torch
 import torch.nn.functional as F
 
 import orthorank
-from orthorank.layer import QUERY_CHUNK, ForwardState, _gather, _heads, _rotate, query_chunks
+from orthorank.attend import QUERY_CHUNK, gather_rows, query_chunks, rotate, scatter_rows, split_heads
+from orthorank.layer import ForwardState
 from orthorank.plan import Plan
 from orthorank.text import token_windows
 
@@ -55,11 +56,11 @@ def layer_inputs(model: torch.nn.Module, ids: torch.Tensor, index: int) -> tuple
 
 
 def pieces(model: torch.nn.Module, index: int, h: torch.Tensor, kwargs: dict[str, Any], selector: str,
-           repeats: int) -> dict[str, float]:
-    """Milliseconds of each piece of selection layer ``index`` (keep 1/3) with ``selector``."""
+           repeats: int, keep: float = 1 / 3) -> dict[str, float]:
+    """Milliseconds of each piece of selection layer ``index`` (keep ratio ``keep``) with ``selector``."""
     layer = model.model.layers[index]
     ratios = [1.0] * model.config.num_hidden_layers
-    ratios[index] = 1 / 3
+    ratios[index] = keep
     orthorank.patch(model, plan=Plan(tuple(ratios), selector=selector))
     try:
         fwd = layer.forward
@@ -71,12 +72,11 @@ def pieces(model: torch.nn.Module, index: int, h: torch.Tensor, kwargs: dict[str
         attn = fwd.attn
 
         def queries() -> torch.Tensor:
-            return _rotate(_heads(attn, attn.q_proj, None, _gather(x, index_)), _gather(cos, index_), _gather(sin, index_))
+            return rotate(split_heads(attn, attn.q_proj, None, gather_rows(x, index_)), gather_rows(cos, index_), gather_rows(sin, index_))
 
         q = queries()
         out = fwd._attend(q, key, value, index_, kwargs.get("attention_mask"), state)
-        selected = _gather(h, index_) + attn.o_proj(out)
-        scatter_index = index_.unsqueeze(-1).expand(-1, -1, selected.shape[-1])
+        selected = gather_rows(h, index_) + attn.o_proj(out)
         times = {
             "whole layer": median_ms(lambda: fwd.select(h, state, kwargs), repeats),
             "norm": median_ms(lambda: layer.input_layernorm(h), repeats),
@@ -86,7 +86,7 @@ def pieces(model: torch.nn.Module, index: int, h: torch.Tensor, kwargs: dict[str
             "attention": median_ms(lambda: fwd._attend(q, key, value, index_, kwargs.get("attention_mask"), state), repeats),
             "o_proj": median_ms(lambda: attn.o_proj(out), repeats),
             "mlp": median_ms(lambda: layer.mlp(layer.post_attention_layernorm(selected)), repeats),
-            "scatter": median_ms(lambda: h.scatter(1, scatter_index, selected), repeats),
+            "scatter": median_ms(lambda: scatter_rows(h, index_, selected), repeats),
         }
         times["mean selected position"] = float(index_.float().mean())
     finally:
@@ -140,6 +140,7 @@ def main() -> None:
     p.add_argument("--tokens", type=int, default=2048)
     p.add_argument("--repeats", type=int, default=15)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--keep", type=float, default=1 / 3, help="the selection layer's keep ratio")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     model, tokenizer = load_model(dtype=torch.bfloat16)
@@ -149,7 +150,7 @@ def main() -> None:
         dense = median_ms(lambda: model.model.layers[args.layer](h, **kwargs), args.repeats)
         print(f"dense layer {args.layer}, {args.tokens} tokens, bf16, {args.threads} threads: {dense:.2f} ms")
         for selector in ("attention", "orthogonal"):
-            times = pieces(model, args.layer, h, kwargs, selector, args.repeats)
+            times = pieces(model, args.layer, h, kwargs, selector, args.repeats, args.keep)
             print(f"{selector:10s} " + ", ".join(f"{k} {v:.2f}" for k, v in times.items()))
         for name, ms in masked_against_causal(model.config, args.tokens, 25, torch.bfloat16).items():
             print(f"{name:32s} {ms:.2f} ms")

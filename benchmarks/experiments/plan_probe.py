@@ -10,8 +10,10 @@ README table uses seed 0; another seed gives prompts it never saw). The file map
     {"file": "plan.json", "sparsity": 0.2}      a saved search, at its round closest to 0.2
     {"layers": {"20": 0.333, "21": 0.333}}      these keep ratios, the others dense
 
-each with optional ``"selector"``, ``"keep_recent"``, ``"keep_min"`` and ``"pooled_span"`` (the span
-of the ``attention`` ranking's pooling, :data:`orthorank.layer.POOLED_SPAN`, for that plan only).
+each with optional ``"selector"``, ``"keep_recent"``, ``"keep_min"``, ``"pooled_span"`` (the span
+of the ``attention`` ranking's pooling, :data:`orthorank.layer.POOLED_SPAN`) and ``"observed_queries"``
+(the prompt's last tokens whose attention that ranking reads, :data:`orthorank.layer.OBSERVED_QUERIES`),
+the last two for that plan only.
 ``--probes-only`` measures the next-token perplexity alone (no pass keys or questions).
 
     python -m benchmarks.experiments.plan_probe --plans plans.json --qa --seed 1 --out probe.json
@@ -78,10 +80,11 @@ def main() -> None:
     windows = tasks.prose_windows(tokenizer, list(wiki_texts("eval"))[400:], max(lengths) + 1, 8)
     probes = tasks.probe_lengths(16, max(lengths), args.probes, seed=args.seed)
     results: dict[str, Any] = {"settings": {k: str(v) for k, v in vars(args).items()}, "probes_at": probes, "rows": {}}
-    pooled_span = layer.POOLED_SPAN
+    pooled_span, observed = layer.POOLED_SPAN, layer.OBSERVED_QUERIES
     for name, spec in json.loads(args.plans.read_text()).items():
         started = time.perf_counter()
         layer.POOLED_SPAN = int(spec.get("pooled_span", pooled_span))
+        layer.OBSERVED_QUERIES = int(spec.get("observed_queries", observed))
         install(model, spec)
         try:
             row: dict[str, Any] = {}
@@ -94,7 +97,7 @@ def main() -> None:
             row["plan"] = None if plan is None else plan.to_dict()
         finally:
             orthorank.unpatch(model)
-            layer.POOLED_SPAN = pooled_span
+            layer.POOLED_SPAN, layer.OBSERVED_QUERIES = pooled_span, observed
         row["seconds"] = round(time.perf_counter() - started, 1)
         results["rows"][name] = row
         print(name, {k: v for k, v in row.items() if k not in ("plan", "next_token_nll")}, flush=True)

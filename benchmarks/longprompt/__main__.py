@@ -26,7 +26,8 @@ import torch
 import transformers
 
 import orthorank
-from orthorank.plan import Plan
+from orthorank.install import handle
+from orthorank.plan import Plan, prefill_flops
 
 from ..embedded import load_model, wiki_texts
 from ..experiments.chat_validation import QUESTIONS
@@ -77,8 +78,15 @@ def measure_row(model, tokenizer, prompts, windows, probes, args) -> dict[str, A
     plan = orthorank.get_plan(model)
     row["plan"] = None if plan is None else plan.to_dict()
     if plan is not None:
-        row["flops_ideal_2048"] = 1.0 / (1.0 - plan.flops_fraction(model.config, 2048))
+        row["flops_ideal_2048"] = flops_ideal(model, plan)
     return row
+
+
+def flops_ideal(model: torch.nn.Module, plan: Plan) -> float:
+    """Dense FLOPs / ``plan``'s FLOPs of the timed prefill: 2048 tokens, the logits of the last one
+    (``logits_to_keep=1``, as :func:`measure.speedup` times it), the patch's ``keep_min`` counted."""
+    keep_min = handle(model).options.keep_min
+    return prefill_flops(model.config, None, 2048) / prefill_flops(model.config, plan, 2048, keep_min=keep_min)
 
 
 def respeed(model: torch.nn.Module, results: dict[str, Any], windows: torch.Tensor, args: argparse.Namespace) -> None:
@@ -92,6 +100,7 @@ def respeed(model: torch.nn.Module, results: dict[str, Any], windows: torch.Tens
         try:
             row["prefill_speedup"] = measure.speedup(model, ids, rounds=args.speed_rounds)
             row["speed_rounds"] = args.speed_rounds
+            row["flops_ideal_2048"] = flops_ideal(model, orthorank.get_plan(model))
         finally:
             orthorank.unpatch(model)
         print(row["method"], row["sparsity"], f"prefill x{row['prefill_speedup']:.3f}", flush=True)

@@ -12,6 +12,7 @@ from torch.nn.functional import cosine_similarity
 from transformers import DynamicCache, StaticCache
 
 import orthorank
+from orthorank.attend import gather_rows, query_chunks, scatter_rows
 from orthorank.config import DEFAULT_KEEP_RECENT, tokens_to_keep
 from tests.layer_checks import (
     KEEP, RECENT, SELECTION_LAYERS, _dense_layer, _expected_selection, _inputs, _run_with_capture, assert_layer_property,
@@ -45,9 +46,25 @@ def test_selection_layer_is_dense_where_selected(arch, attn, padded, cache_type,
 @pytest.mark.parametrize("k,chunk,sizes", [(8, 3, [2, 3, 3]), (9, 3, [3, 3, 3]), (2, 3, [2]), (256, 256, [256]),
                                            (683, 256, [171, 256, 256])])
 def test_query_chunks_cover_the_queries_once_remainder_first(k, chunk, sizes):
-    chunks = orthorank.layer.query_chunks(k, chunk)
+    chunks = query_chunks(k, chunk)
     assert [c.stop - c.start for c in chunks] == sizes
     assert torch.equal(torch.cat([torch.arange(k)[c] for c in chunks]), torch.arange(k))
+
+
+@pytest.mark.parametrize("source_batch", [1, 3])
+def test_row_gather_and_scatter_match_elementwise_gather_and_scatter(source_batch):
+    g = torch.Generator().manual_seed(0)
+    t = torch.randn(source_batch, 10, 4, generator=g)
+    index = torch.stack([torch.randperm(10, generator=g)[:5] for _ in range(3)])  # distinct within a row
+    expected = t.expand(3, -1, -1).gather(1, index.unsqueeze(-1).expand(-1, -1, 4))
+    assert torch.equal(gather_rows(t, index), expected)
+    if source_batch == 3:
+        rows = torch.randn(3, 5, 4, generator=g)
+        before = t.clone()
+        out = scatter_rows(t, index, rows)
+        assert torch.equal(out, t.scatter(1, index.unsqueeze(-1).expand(-1, -1, 4), rows))
+        assert torch.equal(t, before)  # the input is left as it is
+        assert torch.equal(scatter_rows(t.transpose(0, 1).contiguous().transpose(0, 1), index, rows), out)
 
 
 @pytest.mark.parametrize("padded", [False, True])
