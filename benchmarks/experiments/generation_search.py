@@ -32,12 +32,15 @@ def main() -> None:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", type=Path, help="run the search and save the plan here")
     p.add_argument("--ship", type=Path, help="ship a saved search for the embedded model (both layouts)")
+    p.add_argument("--prompt-docs", type=int, default=GENERATION_RECIPE.prompt_docs,
+                   help="generated documents before the scored answers (the recipe's prompt_docs; an experiment)")
     p.add_argument("--threads", type=int, default=2)
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     if args.out:
         model, _ = load_model(dtype=torch.bfloat16)
-        plan = auto_calibrate(model, SPARSITY, 1 / 3, "attention", recipe=GENERATION_RECIPE)
+        recipe = dataclasses.replace(GENERATION_RECIPE, prompt_docs=args.prompt_docs)
+        plan = auto_calibrate(model, SPARSITY, 1 / 3, "attention", recipe=recipe)
         plan.save(args.out)
         print(plan)
     if args.ship:
