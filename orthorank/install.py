@@ -25,10 +25,9 @@ from torch import nn
 from . import compat
 from .config import PatchOptions
 from .hooks import AttentionRoute
-from .layer import (
-    STATE_KWARG, DenseForward, ForwardContext, ForwardState, LayerStats, RemovedForward, SelectiveForward,
-)
+from .layer import DenseForward, RemovedForward, SelectiveForward
 from .plan import Plan
+from .state import STATE_KWARG, ForwardContext, ForwardState, LayerStats
 
 logger = logging.getLogger(__name__)
 

@@ -25,7 +25,7 @@ from torch import nn
 
 from . import compat
 from .install import forward_context, plan_installed
-from .layer import ForwardState
+from .state import ForwardState
 from .metrics import check_batch_size, check_ids, head_nll
 from .plan import Plan
 

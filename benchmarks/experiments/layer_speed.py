@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 import orthorank
 from orthorank.attend import QUERY_CHUNK, gather_rows, query_chunks, rotate, scatter_rows, split_heads
-from orthorank.layer import ForwardState
+from orthorank.state import ForwardState
 from orthorank.plan import Plan
 from orthorank.text import token_windows
 
