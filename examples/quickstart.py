@@ -38,15 +38,13 @@ def prompt_ids(tokenizer: AutoTokenizer, text: str | None, context: int) -> torc
     return token_windows(tokenizer, documents, window=context, n_windows=1)
 
 
-def prefill_seconds(model: torch.nn.Module, ids: torch.Tensor, repeats: int) -> float:
-    """Median time of a prefill (the forward that produces the first token)."""
-    times = []
+def prefill_seconds(model: torch.nn.Module, ids: torch.Tensor) -> float:
+    """Time of a prefill (the forward that produces the first token), after one warm-up run."""
     with torch.no_grad():
-        for _ in range(repeats + 1):
-            start = time.perf_counter()
-            model(ids, logits_to_keep=1)
-            times.append(time.perf_counter() - start)
-    return statistics.median(times[1:])  # the first run warms up
+        model(ids, logits_to_keep=1)
+        start = time.perf_counter()
+        model(ids, logits_to_keep=1)
+        return time.perf_counter() - start
 
 
 def main() -> None:
@@ -58,7 +56,7 @@ def main() -> None:
     parser.add_argument("--context", type=int, default=1024, help="prompt length in tokens")
     parser.add_argument("--new-tokens", type=int, default=24)
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="bfloat16")
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5, help="interleaved timing rounds")
     args = parser.parse_args()
 
     tokenizer = AutoTokenizer.from_pretrained(args.model)
@@ -73,7 +71,7 @@ def main() -> None:
                              do_sample=False, pad_token_id=tokenizer.eos_token_id)
         return tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
 
-    dense_text, dense_time = generate(), prefill_seconds(model, ids, args.repeats)
+    dense_text = generate()
 
     # The patch: a shipped or cached plan for this model, else one calibrated now on text the
     # model generates itself (a few minutes on a CPU, once; then cached).
@@ -81,13 +79,22 @@ def main() -> None:
         orthorank.patch(model, plan=orthorank.Plan.load(args.plan, model=model))
     else:
         orthorank.patch(model, sparsity=args.sparsity)
-    print(orthorank.get_plan(model), "\n")
-    patched_text, patched_time = generate(), prefill_seconds(model, ids, args.repeats)
+    plan = orthorank.get_plan(model)
+    print(plan, "\n")
+    patched_text = generate()
     orthorank.unpatch(model)  # the exact dense model again
-
     print(f"dense    : {dense_text!r}\northorank: {patched_text!r}\n")
+
+    # Prefill times in interleaved rounds (dense, patched, dense, ...), so that a busy moment on
+    # a shared machine slows both alike; medians.
+    dense_times, patched_times = [], []
+    for _ in range(args.repeats):
+        dense_times.append(prefill_seconds(model, ids))
+        with orthorank.patched(model, plan=plan):
+            patched_times.append(prefill_seconds(model, ids))
+    dense_time, patched_time = statistics.median(dense_times), statistics.median(patched_times)
     print(f"prefill of {ids.shape[1]} tokens: dense {dense_time * 1e3:.0f} ms, orthorank {patched_time * 1e3:.0f} ms "
-          f"(speed-up x{dense_time / patched_time:.2f}, median of {args.repeats})")
+          f"(speed-up x{dense_time / patched_time:.2f}, medians of {args.repeats} interleaved rounds)")
 
 
 if __name__ == "__main__":
