@@ -36,13 +36,14 @@ DEFAULT_KEEP_RECENT: int = 32
 
 #: Default floor of the tokens a selection layer updates in a row (``keep_min``): at least this
 #: many, so prompts under ``keep_min / keep_ratio`` tokens save less, and prompts of ``keep_min``
-#: tokens or fewer run the dense layers. A short prompt costs little to
-#: prefill, and there a third of the tokens is too few: on the embedded SmolLM2-135M-Instruct at
-#: sparsity 0.2 the next token after prefixes of 16-191 tokens had perplexity x1.10 of dense's
-#: without the floor and x1.03 with it, over four prompt seeds (in a layer keeping 1/3, prefixes
-#: of 192 tokens and more are untouched; in one keeping 1/12, of 768; benchmarks/RESEARCH.md,
-#: 2026-11-30 "A floor of updated tokens").
-DEFAULT_KEEP_MIN: int = 64
+#: tokens or fewer run the dense layers. A short prompt costs little to prefill, and there a
+#: third (or a twelfth) of the tokens is too few: on the embedded SmolLM2-135M-Instruct at
+#: sparsity 0.2 the next token after a prefill (96 prefixes of 16-4096 tokens, four prompt seeds)
+#: had perplexity x1.047 / 1.052 / 1.012 / 1.020 of dense's with a floor of 64 and x1.025 / 1.039 /
+#: 1.002 / 1.017 with 128, pass keys and answers alike (in a layer keeping 1/3, prompts of 384
+#: tokens and more are untouched; in one keeping 1/12, of 1536; benchmarks/RESEARCH.md,
+#: 2026-11-30 "A floor of updated tokens" and "(late)").
+DEFAULT_KEEP_MIN: int = 128
 
 #: What a plan is chosen for. ``generation``: prompts that are prefilled and then generated from
 #: (chat, documents, retrieval, loglikelihoods of short continuations): plans searched on the loss
