@@ -36,6 +36,7 @@ from torch import nn
 from torch.nn.modules import module as torch_module
 
 from . import compat
+from .attend import gather_rows, scatter_rows
 from .scoring import Selection
 
 #: ``run(x, kwargs)`` of a selection layer: writes K/V, selects, and returns the selection and the
@@ -138,15 +139,14 @@ class AttentionRoute:
                 return hs.new_zeros(hs.shape), None
             if chosen.valid is not None:
                 out = out * chosen.valid.unsqueeze(-1)
-            index = chosen.index.unsqueeze(-1).expand_as(out)
-            return out.new_zeros((*hs.shape[:2], out.shape[-1])).scatter(1, index, out), None
+            return scatter_rows(out.new_zeros((*hs.shape[:2], out.shape[-1])), chosen.index, out), None
 
         result = self.call(forward, {"hidden_states": x, **kwargs})
         chosen = chosen_box[0] if chosen_box else None
         if chosen is None:
             return None, None
         full = result[0]
-        return chosen, full.gather(1, chosen.index.unsqueeze(-1).expand(-1, -1, full.shape[-1]))
+        return chosen, gather_rows(full, chosen.index)
 
     def _warn_no_weights(self) -> None:
         """Under eager attention a dense layer hands its forward hooks the attention weights; a

@@ -27,10 +27,11 @@ import transformers
 
 import orthorank
 from orthorank.install import handle
-from orthorank.plan import Plan, prefill_flops
+from orthorank.plan import Plan
 
 from ..embedded import load_model, wiki_texts
 from ..experiments.chat_validation import QUESTIONS
+from ..suite.flops import ideal_prefill_speedup
 from ..suite.quality import chat_answers
 from . import measure, tasks
 from .table import print_table
@@ -85,8 +86,7 @@ def measure_row(model, tokenizer, prompts, windows, probes, args) -> dict[str, A
 def flops_ideal(model: torch.nn.Module, plan: Plan) -> float:
     """Dense FLOPs / ``plan``'s FLOPs of the timed prefill: 2048 tokens, the logits of the last one
     (``logits_to_keep=1``, as :func:`measure.speedup` times it), the patch's ``keep_min`` counted."""
-    keep_min = handle(model).options.keep_min
-    return prefill_flops(model.config, None, 2048) / prefill_flops(model.config, plan, 2048, keep_min=keep_min)
+    return ideal_prefill_speedup(model.config, plan, 2048, keep_min=handle(model).options.keep_min)
 
 
 def respeed(model: torch.nn.Module, results: dict[str, Any], windows: torch.Tensor, args: argparse.Namespace) -> None:

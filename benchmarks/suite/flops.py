@@ -16,9 +16,9 @@ from orthorank.plan import LayerCosts, Plan, decode_flops, prefill_flops
 __all__ = ["LayerCosts", "decode_flops", "ideal_decode_speedup", "ideal_prefill_speedup", "prefill_flops"]
 
 
-def ideal_prefill_speedup(config: Any, plan: Plan | None, seq: int, logits_tokens: int = 1) -> float:
-    """Dense FLOPs / plan FLOPs for a forward over ``seq`` tokens."""
-    return prefill_flops(config, None, seq, logits_tokens) / prefill_flops(config, plan, seq, logits_tokens)
+def ideal_prefill_speedup(config: Any, plan: Plan | None, seq: int, logits_tokens: int = 1, keep_min: int = 0) -> float:
+    """Dense FLOPs / plan FLOPs for a forward over ``seq`` tokens (``keep_min``: the patch's floor)."""
+    return prefill_flops(config, None, seq, logits_tokens) / prefill_flops(config, plan, seq, logits_tokens, keep_min)
 
 
 def ideal_decode_speedup(config: Any, plan: Plan | None, context: int, decode: str = "dense") -> float:
