@@ -31,7 +31,7 @@ from typing import Any
 from torch import nn
 
 from . import compat, plancache, selfcalib, shipped
-from .calibration import SearchConfig, closest_round, plan_at_round, round_sparsities
+from .search import SearchConfig, closest_round, plan_at_round, round_sparsities
 from .config import DEFAULT_OBJECTIVE
 from .fingerprint import model_fingerprint
 from .layer import ranking_key

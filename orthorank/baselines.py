@@ -22,7 +22,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from .calibration import SearchConfig, removal_search
+from .search import SearchConfig, removal_search
 from .config import check_fraction
 from .plan import Plan
 from .runner import LossRunner

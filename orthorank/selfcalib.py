@@ -1,7 +1,7 @@
 """Calibration without user data: the model writes its own calibration text.
 
 :func:`self_generated_ids` samples continuations of the model's BOS token from the dense model;
-:func:`auto_calibrate` runs the greedy plan search (:func:`orthorank.calibration.search_plan`) on
+:func:`auto_calibrate` runs the greedy plan search (:func:`orthorank.search.search_plan`) on
 them. Every constant of that procedure lives in :data:`RECIPE` (a :class:`Recipe`), and
 ``RECIPE.key()`` is part of the plan-cache key, so plans cached under an older recipe are not
 reused after it changes.
@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 from transformers import DynamicCache
 
 from . import compat
-from .calibration import SearchConfig, search_plan
+from .search import SearchConfig, search_plan
 from .config import OBJECTIVES, SELECTORS, check_choice, check_fraction
 from .install import running_dense
 from .metrics import check_batch_size
@@ -63,7 +63,7 @@ class Recipe:
         low_keep_ratio: a lower keep ratio a selection layer may step down to in a later round
             (levels ``(1, keep_ratio, low_keep_ratio)``), or ``None``; ignored for a ``keep_ratio``
             at or below it.
-        jumps, shortlist, exclude, deepest: see :class:`orthorank.calibration.SearchConfig`.
+        jumps, shortlist, exclude, deepest: see :class:`orthorank.search.SearchConfig`.
         batch_size: windows per forward pass (generation and search).
         objective: ``perplexity`` searches on the whole-window loss of the generated windows;
             ``generation`` builds continuation and recall windows from them

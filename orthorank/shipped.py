@@ -22,7 +22,7 @@ An entry serves ``patch(model, sparsity=s, keep_ratio=k, selector=sel, objective
 keep ratio (within 1e-3), selector and objective match (an entry without ``objective`` is a
 ``perplexity`` one) and either its sparsity (or its plan's) is within half a
 selection step of ``s``, or one of the rounds of its search (``plan.meta["rounds"]``) is:
-then the plan after that round is used (:func:`orthorank.calibration.plan_at_round`). How a plan was
+then the plan after that round is used (:func:`orthorank.search.plan_at_round`). How a plan was
 calibrated does not matter. Write entries with :func:`save_shipped_plan` (into a folder you name:
 the package's own ``orthorank/plans`` in a source checkout) or ``python -m benchmarks.ship_plans``.
 """

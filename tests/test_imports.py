@@ -19,9 +19,9 @@ SOURCE = Path(__file__).resolve().parents[1] / PACKAGE
 
 #: Layers, lowest first; a module may import its own layer and the ones below.
 LAYERS: dict[str, tuple[str, ...]] = {
-    "low": ("compat", "config", "scoring", "attend", "hooks", "state", "layer", "plan", "install"),
+    "low": ("compat", "config", "scoring", "attend", "hooks", "state", "layer", "flops", "plan", "install"),
     "planning": (
-        "metrics", "runner", "calibration", "baselines", "selfcalib", "shipped", "plancache", "fingerprint",
+        "metrics", "runner", "search", "calibration", "baselines", "selfcalib", "shipped", "plancache", "fingerprint",
         "autoplan", "text", "cliargs", "objective",
     ),
     "front": ("patch", ""),  # "" is the package itself (orthorank/__init__.py)

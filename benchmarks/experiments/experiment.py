@@ -3,7 +3,7 @@
     OMP_NUM_THREADS=1 python -m benchmarks.experiments.experiment --recipes wiki-paper gen-t1.0-2x512-paper ...
 
 Each recipe = calibration ids (wiki ``calib`` windows, or text the model samples itself from its
-BOS token with a seeded generator) + a greedy search (:func:`orthorank.calibration.search_plan`) to
+BOS token with a seeded generator) + a greedy search (:func:`orthorank.search.search_plan`) to
 the highest sparsity; its prefixes give the plans at lower sparsities. Every plan is evaluated on
 two held-out sets (``heldout.py``: wiki ``eval`` and outside prose). One JSON per recipe is written
 to ``--out`` (re-running skips finished recipes). bf16 throughout, 1 thread.
@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from orthorank.baselines import blocks_to_remove, sleb_plan
-from orthorank.calibration import SearchConfig, closest_round, plan_at_round, search_plan
+from orthorank.search import SearchConfig, closest_round, plan_at_round, search_plan
 from orthorank.plan import Plan
 from orthorank.runner import LossRunner
 from orthorank.text import token_windows

@@ -25,7 +25,7 @@ import argparse
 import json
 from pathlib import Path
 
-from orthorank.calibration import plan_at_round
+from orthorank.search import plan_at_round
 from orthorank.plan import Plan
 
 PLANS = Path(__file__).resolve().parents[1] / "results" / "plans"

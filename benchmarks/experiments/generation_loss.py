@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from orthorank.calibration import SearchConfig, closest_round, search_plan
+from orthorank.search import SearchConfig, closest_round, search_plan
 from orthorank.install import plan_installed
 from orthorank.plan import Plan
 from orthorank.runner import LossRunner

@@ -31,7 +31,7 @@ import torch
 
 import orthorank
 from orthorank import layer
-from orthorank.calibration import closest_round
+from orthorank.search import closest_round
 from orthorank.plan import Plan
 
 from ..embedded import load_model, wiki_texts

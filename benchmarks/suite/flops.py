@@ -1,7 +1,7 @@
 """FLOP-ideal speed-ups of a plan, from the model config alone.
 
-The FLOP count is the library's (:class:`orthorank.plan.LayerCosts`, :func:`orthorank.plan.prefill_flops`,
-:func:`orthorank.plan.decode_flops`): matmul FLOPs of every decoder layer, where a selection layer
+The FLOP count is the library's (:class:`orthorank.flops.LayerCosts`, :func:`orthorank.flops.prefill_flops`,
+:func:`orthorank.flops.decode_flops`): matmul FLOPs of every decoder layer, where a selection layer
 pays key/value projections for every token and the rest only for the tokens it updates, and a
 removed layer costs nothing. Norms, RoPE, softmax, scoring and gathers are ignored: the ideal is
 an upper bound.
@@ -11,7 +11,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from orthorank.plan import LayerCosts, Plan, decode_flops, prefill_flops
+from orthorank.flops import LayerCosts, decode_flops, prefill_flops
+from orthorank.plan import Plan
 
 __all__ = ["LayerCosts", "decode_flops", "ideal_decode_speedup", "ideal_prefill_speedup", "prefill_flops"]
 

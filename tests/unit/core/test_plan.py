@@ -7,7 +7,8 @@ import json
 import pytest
 
 import orthorank
-from orthorank.plan import PLAN_FORMAT_VERSION, Plan, default_plan, flops_fraction, layers_plan
+from orthorank.flops import flops_fraction
+from orthorank.plan import PLAN_FORMAT_VERSION, Plan, default_plan, layers_plan
 
 from tests.tiny_models import tiny_model
 

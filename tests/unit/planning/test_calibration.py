@@ -8,7 +8,8 @@ import torch
 import orthorank
 from orthorank import compat
 from orthorank.baselines import sleb_plan
-from orthorank.calibration import SearchConfig, calibrate, closest_round, plan_at_round, search_plan
+from orthorank.calibration import calibrate
+from orthorank.search import SearchConfig, closest_round, plan_at_round, search_plan
 from orthorank.metrics import mean_nll
 from orthorank.runner import LossRunner
 from orthorank.text import token_windows
