@@ -31,11 +31,11 @@ from typing import Any
 from torch import nn
 
 from . import compat, plancache, selfcalib, shipped
-from .search import SearchConfig, closest_round, plan_at_round, round_sparsities
 from .config import DEFAULT_OBJECTIVE
 from .fingerprint import model_fingerprint
 from .layer import ranking_key
 from .plan import Plan
+from .search import SearchConfig, closest_round, plan_at_round, round_sparsities
 
 logger = logging.getLogger(__name__)
 

@@ -22,10 +22,10 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from .search import SearchConfig, removal_search
 from .config import check_fraction
 from .plan import Plan
 from .runner import LossRunner
+from .search import SearchConfig, removal_search
 
 logger = logging.getLogger(__name__)
 

@@ -24,13 +24,13 @@ from tqdm.auto import tqdm
 from transformers import DynamicCache
 
 from . import compat
-from .search import SearchConfig, search_plan
 from .config import OBJECTIVES, SELECTORS, check_choice, check_fraction
 from .install import running_dense
 from .metrics import check_batch_size
 from .objective import generation_windows
 from .plan import Plan
 from .runner import LossRunner
+from .search import SearchConfig, search_plan
 
 logger = logging.getLogger(__name__)
 

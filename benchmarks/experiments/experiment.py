@@ -22,9 +22,9 @@ from pathlib import Path
 import torch
 
 from orthorank.baselines import blocks_to_remove, sleb_plan
-from orthorank.search import SearchConfig, closest_round, plan_at_round, search_plan
 from orthorank.plan import Plan
 from orthorank.runner import LossRunner
+from orthorank.search import SearchConfig, closest_round, plan_at_round, search_plan
 from orthorank.text import token_windows
 
 from benchmarks.embedded import load_model, wiki_texts

@@ -25,8 +25,8 @@ import argparse
 import json
 from pathlib import Path
 
-from orthorank.search import plan_at_round
 from orthorank.plan import Plan
+from orthorank.search import plan_at_round
 
 PLANS = Path(__file__).resolve().parents[1] / "results" / "plans"
 

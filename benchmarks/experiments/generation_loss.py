@@ -27,10 +27,10 @@ from pathlib import Path
 
 import torch
 
-from orthorank.search import SearchConfig, closest_round, search_plan
 from orthorank.install import plan_installed
 from orthorank.plan import Plan
 from orthorank.runner import LossRunner
+from orthorank.search import SearchConfig, closest_round, search_plan
 from orthorank.selfcalib import RECIPE, self_generated_ids
 from orthorank.text import token_windows
 

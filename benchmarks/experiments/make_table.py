@@ -28,11 +28,11 @@ from pathlib import Path
 import torch
 
 from orthorank.baselines import blocks_to_remove, random_control, shortgpt_plan, sleb_plan
-from orthorank.search import SearchConfig, closest_round, plan_at_round, search_plan
 from orthorank.config import DEFAULT_KEEP_RECENT as KEEP_RECENT
 from orthorank.patch import patched
 from orthorank.plan import Plan, default_plan
 from orthorank.runner import LossRunner
+from orthorank.search import SearchConfig, closest_round, plan_at_round, search_plan
 from orthorank.text import token_windows
 
 from benchmarks.embedded import load_model, wiki_texts

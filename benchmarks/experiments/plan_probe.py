@@ -31,8 +31,8 @@ import torch
 
 import orthorank
 from orthorank import layer
-from orthorank.search import closest_round
 from orthorank.plan import Plan
+from orthorank.search import closest_round
 
 from ..embedded import load_model, wiki_texts
 from ..longprompt import measure, tasks

@@ -22,9 +22,9 @@ import orthorank
 from benchmarks import ship_plans
 from orthorank import autoplan, install, plancache, selfcalib, shipped
 from orthorank import layer as layer_module
-from orthorank.search import closest_round, plan_at_round
 from orthorank.fingerprint import model_fingerprint
 from orthorank.plan import layers_plan
+from orthorank.search import closest_round, plan_at_round
 from orthorank.selfcalib import self_generated_ids
 from orthorank.shipped import save_shipped_plan
 

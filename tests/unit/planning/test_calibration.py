@@ -9,9 +9,9 @@ import orthorank
 from orthorank import compat
 from orthorank.baselines import sleb_plan
 from orthorank.calibration import calibrate
-from orthorank.search import SearchConfig, closest_round, plan_at_round, search_plan
 from orthorank.metrics import mean_nll
 from orthorank.runner import LossRunner
+from orthorank.search import SearchConfig, closest_round, plan_at_round, search_plan
 from orthorank.text import token_windows
 
 from tests.tiny_models import CHEAP, cheap_layer_model, sampled_ids, tiny_model, tiny_tokenizer
