@@ -1,8 +1,11 @@
 """Prefill / forward / decode speed and peak memory of OrthoRank vs dense vs layer removal.
 
-Speed does not depend on WHICH layers a plan picks, only on how many, so this check needs no
-calibration: OrthoRank uses the data-free default plan and layer removal removes the same number
-of layers SLEB removes at that sparsity (ceil(L x sparsity), the first and last layers kept).
+OrthoRank is what ``orthorank.patch(model, sparsity=s)`` installs (the shipped plan, else the
+cached one, else one calibrated now), with its options (the floor of updated tokens counted in
+the FLOP ideal); layer removal removes the number of layers SLEB removes at that sparsity
+(ceil(L x sparsity), the first and last layers kept), from the middle of the stack (which layers
+does not change the speed of a removed layer); ``orthorank@0`` is the all-dense patch, the cost of
+the patch alone.
 
     python -m benchmarks.speed_check --contexts 512,1024,2048,4096 --dtypes bfloat16,float32
 """
@@ -17,8 +20,7 @@ from pathlib import Path
 import torch
 
 import orthorank
-from orthorank.config import DEFAULT_OBJECTIVE, OBJECTIVE_DEFAULTS, SELECTORS
-from orthorank.plan import default_plan
+from orthorank.install import handle
 from orthorank.text import token_windows
 
 from benchmarks.embedded import load_model, wiki_texts
@@ -36,12 +38,19 @@ def removal_plan(num_layers: int, sparsity: float) -> orthorank.Plan:
     return orthorank.Plan(ratios, method="layer-removal")
 
 
+def patch_plan(model: torch.nn.Module, sparsity: float) -> tuple[orthorank.Plan, int]:
+    """The plan ``orthorank.patch(model, sparsity=sparsity)`` installs, and its floor ``keep_min``."""
+    orthorank.patch(model, sparsity=sparsity)
+    try:
+        return orthorank.get_plan(model), handle(model).options.keep_min
+    finally:
+        orthorank.unpatch(model)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=None)
     parser.add_argument("--sparsity", type=float, default=0.2)
-    parser.add_argument("--selector", default=OBJECTIVE_DEFAULTS[DEFAULT_OBJECTIVE][0], choices=SELECTORS,
-                        help="selector of the OrthoRank plan (default: the one patch() uses by default)")
     parser.add_argument("--contexts", default="512,1024,2048,4096")
     parser.add_argument("--batches", default="1")
     parser.add_argument("--dtypes", default="bfloat16,float32")
@@ -65,10 +74,11 @@ def main() -> None:
     for dtype in args.dtypes.split(","):
         model, tok = load_model(args.model, dtype=DTYPES[dtype])
         num_layers = model.config.num_hidden_layers
+        plan, keep_min = patch_plan(model, args.sparsity)
         methods = {
             "dense": None,
             "orthorank@0": orthorank.Plan((1.0,) * num_layers),
-            "orthorank": default_plan(num_layers, args.sparsity, selector=args.selector),
+            "orthorank": plan,
             "layer-removal": removal_plan(num_layers, args.sparsity),
         }
         contexts = [int(c) for c in args.contexts.split(",")]
@@ -77,13 +87,14 @@ def main() -> None:
             for context in contexts:
                 x = ids[:batch, :context]
                 times = time_prefill(model, methods, x, repeats=args.repeats)
-                ideal = {k: ideal_prefill_speedup(model.config, p, context) for k, p in methods.items() if p}
+                ideal = {k: ideal_prefill_speedup(model.config, p, context, keep_min=keep_min) for k, p in methods.items() if p}
                 report("prefill", dtype, batch, context, times, ideal)
         if args.forward:
             batch, context = (int(v) for v in args.forward.split(","))
             x = ids[:batch, :context]
             times = time_prefill(model, methods, x, repeats=args.repeats, all_logits=True)
-            ideal = {k: ideal_prefill_speedup(model.config, p, context, logits_tokens=context) for k, p in methods.items() if p}
+            ideal = {k: ideal_prefill_speedup(model.config, p, context, logits_tokens=context, keep_min=keep_min)
+                     for k, p in methods.items() if p}
             report("forward", dtype, batch, context, times, ideal)
         if args.decode_steps:
             dec = {k: methods[k] for k in ("dense", "orthorank@0", "orthorank")}
