@@ -102,7 +102,7 @@ def calibrate(
             selection layer or be removed, whichever costs less loss per unit of sparsity (a
             hybrid plan; measured best on SmolLM2, see the README). ``levels=(1.0, keep_ratio)``
             with ``jumps=False`` is the paper's search (selection layers only).
-        levels, exclude, selector, jumps: see :class:`SearchConfig`.
+        levels, exclude, selector, jumps: see :class:`orthorank.search.SearchConfig`.
         batch_size: windows per forward pass.
         versus_removal: also run SLEB's block removal to the same sparsity (when whole blocks reach
             it within :data:`SAME_SPARSITY`) on the same windows and return whichever plan has the

@@ -13,7 +13,7 @@ from typing import Any, Protocol
 from .config import tokens_to_keep
 
 
-class Plan(Protocol):
+class PlanLike(Protocol):
     """What a FLOP count reads of a plan (:class:`orthorank.Plan` has it)."""
 
     @property
@@ -71,7 +71,7 @@ class LayerCosts:
         )
 
 
-def flops_fraction(plan: Plan, config: Any, seq_len: int, *, include_head: bool = True) -> float:
+def flops_fraction(plan: PlanLike, config: Any, seq_len: int, *, include_head: bool = True) -> float:
     """Estimated share of a dense forward's FLOPs (one ``seq_len``-token row) that ``plan`` skips.
 
     Counts the :class:`LayerCosts` of every layer and token, with causal attention over on average
@@ -92,14 +92,14 @@ def flops_fraction(plan: Plan, config: Any, seq_len: int, *, include_head: bool 
     return skipped / dense
 
 
-def _keep_ratios(plan: Plan | None, c: LayerCosts) -> tuple[float, ...]:
+def _keep_ratios(plan: PlanLike | None, c: LayerCosts) -> tuple[float, ...]:
     ratios = (1.0,) * c.num_layers if plan is None else plan.keep_ratios
     if len(ratios) != c.num_layers:
         raise ValueError(f"plan has {len(ratios)} layers, the config {c.num_layers}")
     return ratios
 
 
-def prefill_flops(config: Any, plan: Plan | None, seq: int, logits_tokens: int = 1, keep_min: int = 0) -> float:
+def prefill_flops(config: Any, plan: PlanLike | None, seq: int, logits_tokens: int = 1, keep_min: int = 0) -> float:
     """FLOPs of one row's forward over ``seq`` tokens that starts the sequence (no cache).
 
     A selection layer computes key/value for every token and the rest (query, output, MLP,
@@ -126,7 +126,7 @@ def prefill_flops(config: Any, plan: Plan | None, seq: int, logits_tokens: int =
     return total + logits_tokens * c.head
 
 
-def decode_flops(config: Any, plan: Plan | None, context: int, decode: str = "dense") -> float:
+def decode_flops(config: Any, plan: PlanLike | None, context: int, decode: str = "dense") -> float:
     """FLOPs of one decode step (one new token per row) after ``context`` cached tokens.
 
     With ``decode="dense"`` selection layers run densely in decode steps; with ``"bypass"`` they

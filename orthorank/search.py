@@ -43,7 +43,7 @@ class SearchConfig:
         jumps: a step may skip intermediate levels (try every lower level, not just the next).
         shortlist: after the first round, re-score only this many candidates, those with the
             lowest cost in the previous round (``None``: every candidate, every round).
-            :func:`calibrate` uses 10.
+            :func:`orthorank.calibrate` uses 10.
         deepest: each round considers only the ``deepest`` last layers that can still step down
             (``None``: every eligible layer). A token a selection layer skips changes only the
             keys and values of the layers after it, so the plans of the ``generation`` objective
