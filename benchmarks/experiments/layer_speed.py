@@ -22,8 +22,8 @@ import torch.nn.functional as F
 
 import orthorank
 from orthorank.attend import QUERY_CHUNK, gather_rows, query_chunks, rotate, scatter_rows, split_heads
-from orthorank.state import ForwardState
 from orthorank.plan import Plan
+from orthorank.state import ForwardState
 from orthorank.text import token_windows
 
 from ..embedded import load_model, wiki_texts
