@@ -57,6 +57,14 @@ def scatter_rows(t: torch.Tensor, index: torch.Tensor, rows: torch.Tensor) -> to
     return out
 
 
+def queries_at(
+    attn: nn.Module, norm: nn.Module | None, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, index: torch.Tensor
+) -> torch.Tensor:
+    """Queries of the rows ``index`` ``[batch, k]`` of ``x`` ``[batch, seq, hidden]`` (normalised),
+    RoPE at their true positions: ``[batch, heads, k, head_dim]``."""
+    return rotate(split_heads(attn, attn.q_proj, norm, gather_rows(x, index)), gather_rows(cos, index), gather_rows(sin, index))
+
+
 #: Selected queries are attended in chunks of this many; each chunk reads only the keys up to its
 #: last position, which recovers most of what a causal kernel skips (and bounds the mask's size).
 #: The remainder is the first chunk, where the keys are fewest: a masked kernel's cost grows with

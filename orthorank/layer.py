@@ -16,7 +16,7 @@ from torch import nn
 
 from . import compat, hooks
 from .attend import (
-    QUERY_CHUNK, gather_rows, query_chunks, rotate, scatter_rows, sdpa_grouped, selection_mask, split_heads,
+    QUERY_CHUNK, gather_rows, queries_at, query_chunks, rotate, scatter_rows, sdpa_grouped, selection_mask, split_heads,
 )
 from .config import QUERY_AWARE_SELECTORS, tokens_to_keep, tokens_to_keep_per_row
 from .scoring import (
@@ -164,7 +164,7 @@ class SelectiveForward:
             valid = cols > state.sink.unsqueeze(1)
         cols = cols.clamp_min(0)
         cos, sin = kwargs["position_embeddings"]
-        query = rotate(split_heads(attn, attn.q_proj, self.q_norm, gather_rows(x, cols)), gather_rows(cos, cols), gather_rows(sin, cols))
+        query = queries_at(attn, self.q_norm, x, cos, sin, cols)
         mass = recent_attention(
             query, key[:, :, : state.seq], cols, valid, attn.scaling, state.real, compat.sliding_window(attn)
         )
@@ -210,7 +210,7 @@ class SelectiveForward:
         index = chosen.index
         self.stats.updated += index.numel()
         cos, sin = kwargs["position_embeddings"]
-        query = rotate(split_heads(attn, attn.q_proj, self.q_norm, gather_rows(x, index)), gather_rows(cos, index), gather_rows(sin, index))
+        query = queries_at(attn, self.q_norm, x, cos, sin, index)
         out = self._attend(query, key, value, index, kwargs.get("attention_mask"), state)
         return chosen, attn.o_proj(out)
 

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 import orthorank
-from orthorank.attend import QUERY_CHUNK, gather_rows, query_chunks, rotate, scatter_rows, split_heads
+from orthorank.attend import QUERY_CHUNK, gather_rows, queries_at, query_chunks, scatter_rows
 from orthorank.plan import Plan
 from orthorank.state import ForwardState
 from orthorank.text import token_windows
@@ -72,7 +72,7 @@ def pieces(model: torch.nn.Module, index: int, h: torch.Tensor, kwargs: dict[str
         attn = fwd.attn
 
         def queries() -> torch.Tensor:
-            return rotate(split_heads(attn, attn.q_proj, None, gather_rows(x, index_)), gather_rows(cos, index_), gather_rows(sin, index_))
+            return queries_at(attn, None, x, cos, sin, index_)
 
         q = queries()
         out = fwd._attend(q, key, value, index_, kwargs.get("attention_mask"), state)
