@@ -9,9 +9,10 @@
 Everything else lives in the submodules: plans (:mod:`orthorank.plan`: ``layers_plan``,
 ``default_plan``; their FLOPs: :mod:`orthorank.flops`), the greedy plan search
 (:mod:`orthorank.search`), calibration on your text (:mod:`orthorank.calibration`), layer-pruning
-baselines (:mod:`orthorank.baselines`), self-calibration (:mod:`orthorank.selfcalib`), shipped
-plans (:mod:`orthorank.shipped`), the KV budget (:mod:`orthorank.kvcache`), the analysis
-(:mod:`orthorank.analysis`) and lm-eval (:mod:`orthorank.eval`).
+baselines (:mod:`orthorank.baselines`), self-calibration (:mod:`orthorank.selfcalib`; its settings:
+:mod:`orthorank.recipe`), shipped plans (:mod:`orthorank.shipped`), the KV budget
+(:mod:`orthorank.kvcache`), the analysis (:mod:`orthorank.analysis`) and lm-eval
+(:mod:`orthorank.eval`).
 """
 
 from .calibration import calibrate

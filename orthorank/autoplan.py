@@ -35,6 +35,7 @@ from .config import DEFAULT_OBJECTIVE
 from .fingerprint import model_fingerprint
 from .layer import ranking_key
 from .plan import Plan
+from .recipe import Recipe, recipe_for
 from .search import SearchConfig, closest_round, plan_at_round, round_sparsities
 
 logger = logging.getLogger(__name__)
@@ -53,7 +54,7 @@ def step_tolerance(num_layers: int, keep_ratio: float) -> float:
     return 0.5 * (1.0 - keep_ratio) / num_layers + 1e-9
 
 
-def max_sparsity(num_layers: int, keep_ratio: float, recipe: selfcalib.Recipe) -> float:
+def max_sparsity(num_layers: int, keep_ratio: float, recipe: Recipe) -> float:
     """The highest sparsity the recipe's search can reach on a model with ``num_layers`` layers."""
     eligible = SearchConfig(0.1, exclude=recipe.exclude).eligible(num_layers)
     lowest = min(recipe.levels(keep_ratio))
@@ -120,14 +121,14 @@ def resolve_plan(
     objective: str = DEFAULT_OBJECTIVE, *, cache: bool = True, progress: bool = True,
 ) -> Plan:
     """The plan for ``model`` at ``sparsity`` > 0 chosen for ``objective``: shipped, else cached,
-    else calibrated now with the objective's recipe (:func:`orthorank.selfcalib.recipe_for`), and cached.
+    else calibrated now with the objective's recipe (:func:`orthorank.recipe.recipe_for`), and cached.
 
     ``plan.meta["origin"]`` says which: ``"shipped"``, ``"cache"`` or ``"calibrated"``.
 
     Raises:
         ValueError: ``sparsity`` out of the recipe's reach on this model (the message gives the limit).
     """
-    recipe = selfcalib.recipe_for(objective)
+    recipe = recipe_for(objective)
     n = len(compat.decoder_layers(model))
     model_type = model.config.model_type
     limit = max_sparsity(n, keep_ratio, recipe)
@@ -165,7 +166,7 @@ def resolve_plan(
     return _tag(plan, "calibrated")
 
 
-def search_key(recipe: selfcalib.Recipe, selector: str) -> str:
+def search_key(recipe: Recipe, selector: str) -> str:
     """The plan-cache key of a search: the recipe's and the selector's ranking's."""
     return recipe.key() + ranking_key(selector)
 
@@ -190,7 +191,7 @@ def budget_plan(
     """
     budget = check_budget(max_ppl_increase)
     n = len(compat.decoder_layers(model))
-    cap = min(BUDGET_MAX_SPARSITY, max_sparsity(n, keep_ratio, selfcalib.recipe_for(objective)))
+    cap = min(BUDGET_MAX_SPARSITY, max_sparsity(n, keep_ratio, recipe_for(objective)))
     search = resolve_plan(model, cap, keep_ratio, selector, objective, cache=cache, progress=progress)
     increases = round_increases(search)
     if increases is None:

@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from benchmarks.embedded import DEFAULT_MODEL
-from orthorank import config, selfcalib
+from orthorank import config
+from orthorank import recipe as recipes
 from orthorank.plancache import cache_root
 from tests.tiny_models import TINY_GENERATION_RECIPE, TINY_RECIPE
 
@@ -32,8 +33,8 @@ def _plan_cache(tmp_path_factory, monkeypatch) -> None:
     if (built / "config.json").is_file():
         (root / DEFAULT_MODEL).symlink_to(built, target_is_directory=True)
     monkeypatch.setenv("ORTHORANK_CACHE", str(root))
-    monkeypatch.setattr(selfcalib, "RECIPE", selfcalib.Recipe(**TINY_RECIPE))
-    monkeypatch.setattr(selfcalib, "GENERATION_RECIPE", dataclasses.replace(selfcalib.GENERATION_RECIPE, **TINY_GENERATION_RECIPE))
+    monkeypatch.setattr(recipes, "RECIPE", recipes.Recipe(**TINY_RECIPE))
+    monkeypatch.setattr(recipes, "GENERATION_RECIPE", dataclasses.replace(recipes.GENERATION_RECIPE, **TINY_GENERATION_RECIPE))
 
 
 @pytest.fixture(autouse=True, scope="session")

@@ -21,8 +21,8 @@ SOURCE = Path(__file__).resolve().parents[1] / PACKAGE
 LAYERS: dict[str, tuple[str, ...]] = {
     "low": ("compat", "config", "scoring", "attend", "hooks", "state", "layer", "flops", "plan", "install"),
     "planning": (
-        "metrics", "runner", "search", "calibration", "baselines", "selfcalib", "shipped", "plancache", "fingerprint",
-        "autoplan", "text", "cliargs", "objective",
+        "metrics", "runner", "objective", "search", "recipe", "calibration", "baselines", "selfcalib", "shipped",
+        "plancache", "fingerprint", "autoplan", "text", "cliargs",
     ),
     "front": ("patch", ""),  # "" is the package itself (orthorank/__init__.py)
     "features": ("kvcache", "analysis", "eval"),

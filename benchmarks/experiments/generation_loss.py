@@ -31,7 +31,8 @@ from orthorank.install import plan_installed
 from orthorank.plan import Plan
 from orthorank.runner import LossRunner
 from orthorank.search import SearchConfig, closest_round, search_plan
-from orthorank.selfcalib import RECIPE, self_generated_ids
+from orthorank.recipe import RECIPE
+from orthorank.selfcalib import self_generated_ids
 from orthorank.text import token_windows
 
 from benchmarks.embedded import load_model, wiki_texts

@@ -4,7 +4,7 @@
     python -m benchmarks.experiments.generation_search --ship benchmarks/results/plans/generation-search.json
 
 The search is exactly what ``orthorank.patch(model, sparsity=0.4)`` would calibrate for a model no
-plan is shipped for (:data:`orthorank.selfcalib.GENERATION_RECIPE`, ``attention`` selector, keep
+plan is shipped for (:data:`orthorank.recipe.GENERATION_RECIPE`, ``attention`` selector, keep
 1/3), taken to sparsity 0.4 so that its rounds also serve 0.1, 0.2 and 0.3. ``--ship`` adds it to
 the package's shipped plans for the embedded model's Llama and Mistral layouts (same weights,
 identical logits, so one search serves both).
@@ -19,7 +19,8 @@ from pathlib import Path
 import torch
 
 from orthorank.plan import Plan
-from orthorank.selfcalib import GENERATION_RECIPE, auto_calibrate
+from orthorank.recipe import GENERATION_RECIPE
+from orthorank.selfcalib import auto_calibrate
 from orthorank.shipped import SHIPPED_DIR, save_shipped_plan
 
 from ..embedded import load_model

@@ -21,6 +21,7 @@ import torch
 import orthorank
 from benchmarks import ship_plans
 from orthorank import autoplan, install, plancache, selfcalib, shipped
+from orthorank import recipe as recipes
 from orthorank import layer as layer_module
 from orthorank.fingerprint import model_fingerprint
 from orthorank.plan import layers_plan
@@ -166,11 +167,11 @@ def test_calibrates_once_then_a_fresh_copy_reads_the_cache(calls):
     plan = orthorank.get_plan(model)
     assert calls == [0.2] and plan.meta["origin"] == "calibrated"
     assert abs(plan.sparsity - 0.2) <= autoplan.step_tolerance(6, THIRD)
-    assert plan.meta["source"] == "self-generated" and plan.meta["recipe"] == selfcalib.RECIPE.to_dict()
+    assert plan.meta["source"] == "self-generated" and plan.meta["recipe"] == recipes.RECIPE.to_dict()
     assert plan.meta["calib_windows"] == TINY_RECIPE["windows"] and plan.meta["calib_seq_len"] == TINY_RECIPE["window"]
     assert plan.expected_ppl_increase == pytest.approx(math.expm1(plan.meta["final_loss"] - plan.meta["dense_loss"]))
     fp = model_fingerprint(model)
-    path = plancache.plan_path(fp, 0.2, THIRD, "orthogonal", selfcalib.RECIPE.key())
+    path = plancache.plan_path(fp, 0.2, THIRD, "orthogonal", recipes.RECIPE.key())
     assert path.is_file() and path.is_relative_to(Path(os.environ["ORTHORANK_CACHE"]) / "plans")
     again = orthorank.patch(tiny_model(), sparsity=0.2, objective="perplexity")
     assert calls == [0.2] and orthorank.get_plan(again) == plan and orthorank.get_plan(again).meta["origin"] == "cache"
@@ -201,7 +202,7 @@ def test_cache_false_neither_reads_nor_writes(fake_calls):
 def test_a_changed_recipe_does_not_reuse_old_plans(fake_calls, monkeypatch):
     calls = fake_calls
     orthorank.patch(tiny_model(), sparsity=0.2, progress=False, objective="perplexity")
-    monkeypatch.setattr(selfcalib, "RECIPE", selfcalib.Recipe(**{**TINY_RECIPE, "seed": 1}))
+    monkeypatch.setattr(recipes, "RECIPE", recipes.Recipe(**{**TINY_RECIPE, "seed": 1}))
     orthorank.patch(tiny_model(), sparsity=0.2, progress=False, objective="perplexity")
     assert calls == [0.2, 0.2] and len(cache_files()) == 2
 
@@ -220,7 +221,7 @@ def test_bad_cache_file_is_ignored_with_a_warning_and_rebuilt(kind, fake_calls, 
     calls = fake_calls
     model = tiny_model()
     fp = model_fingerprint(model)
-    key = selfcalib.RECIPE.key()
+    key = recipes.RECIPE.key()
     path = plancache.plan_path(fp, 0.2, THIRD, "orthogonal", key)
     request = plancache.request_dict(0.2, THIRD, "orthogonal", key)
     path.parent.mkdir(parents=True)
@@ -262,14 +263,15 @@ _WRITER = textwrap.dedent(
     torch.set_num_threads(1)
     from tests.tiny_models import TINY_RECIPE, tiny_model
     import orthorank
-    from orthorank import plancache, selfcalib
+    from orthorank import plancache
+    from orthorank import recipe as recipes
     from orthorank.fingerprint import model_fingerprint
-    selfcalib.RECIPE = selfcalib.Recipe(**TINY_RECIPE)
+    recipes.RECIPE = recipes.Recipe(**TINY_RECIPE)
     model = tiny_model()
     orthorank.patch(model, sparsity=0.2, progress=False, objective="perplexity")
     plan = orthorank.get_plan(model)
     fp = model_fingerprint(model)
-    key = selfcalib.RECIPE.key()
+    key = recipes.RECIPE.key()
     path = plancache.plan_path(fp, 0.2, 1 / 3, "orthogonal", key)
     request = plancache.request_dict(0.2, 1 / 3, "orthogonal", key)
     for i in range(150):
@@ -295,7 +297,7 @@ def test_two_processes_calibrating_at_once_leave_a_valid_file():
     assert Path(outs[1][0].strip().splitlines()[-1]) == path
     model = tiny_model()
     fp = model_fingerprint(model)
-    request = plancache.request_dict(0.2, THIRD, "orthogonal", selfcalib.RECIPE.key())
+    request = plancache.request_dict(0.2, THIRD, "orthogonal", recipes.RECIPE.key())
     plan = plancache.read_plan(path, fp, 6, "llama", request)
     assert plan is not None and plan.meta["i"] == 149 and plan.meta["writer"] in (0, 1)
     assert [p.name for p in path.parent.iterdir()] == [path.name]  # no temporary files left
@@ -466,7 +468,7 @@ def test_default_objective_calibrates_on_generation_windows_with_the_attention_s
     model = tiny_model()
     orthorank.patch(model, sparsity=0.2, progress=False)
     plan = orthorank.get_plan(model)
-    recipe = selfcalib.GENERATION_RECIPE
+    recipe = recipes.GENERATION_RECIPE
     assert plan.selector == "attention" and plan.meta["objective"] == "generation"
     assert plan.meta["recipe"] == recipe.to_dict() and plan.meta["origin"] == "calibrated"
     # the search scored answers after a prompt: windows of prompt_docs whole documents, half a third, the answer
@@ -487,19 +489,19 @@ def test_default_objective_calibrates_on_generation_windows_with_the_attention_s
 
 
 def test_a_recipe_low_keep_ratio_adds_a_level_below_the_keep_ratio():
-    recipe = selfcalib.Recipe(low_keep_ratio=0.1)
+    recipe = recipes.Recipe(low_keep_ratio=0.1)
     assert recipe.levels(0.5) == (1.0, 0.5, 0.1)
     assert dataclasses.replace(recipe, removal=True).levels(0.5) == (1.0, 0.5, 0.1, 0.0)
     assert recipe.levels(0.1) == (1.0, 0.1) and recipe.levels(0.05) == (1.0, 0.05)  # not below the keep ratio
-    assert selfcalib.Recipe().levels(0.5) == (1.0, 0.5)
-    assert recipe.key() != selfcalib.Recipe().key(), "plans of another level set are searched again"
+    assert recipes.Recipe().levels(0.5) == (1.0, 0.5)
+    assert recipe.key() != recipes.Recipe().key(), "plans of another level set are searched again"
     for bad in (0.0, 1.0, 1.5):
         with pytest.raises(ValueError, match="low_keep_ratio must be in"):
-            selfcalib.Recipe(low_keep_ratio=bad)
+            recipes.Recipe(low_keep_ratio=bad)
 
 
 def test_the_cache_key_changes_with_the_query_aware_ranking(monkeypatch):
-    recipe = selfcalib.GENERATION_RECIPE
+    recipe = recipes.GENERATION_RECIPE
     assert autoplan.search_key(recipe, "orthogonal") == recipe.key()
     pooled = autoplan.search_key(recipe, "attention")
     monkeypatch.setattr(layer_module, "POOLED_SPAN", 1)
@@ -532,7 +534,7 @@ def test_embedded_model_ships_generation_and_perplexity_plans():
         generation = [e for e in entries if e["objective"] == "generation"]
         assert len(generation) == 1 and generation[0]["sparsity"] == 0.4
         plan = generation[0]["plan"]
-        assert plan.meta["recipe"] == selfcalib.Recipe(objective="generation", windows=8, window=128, prompt_docs=2,
+        assert plan.meta["recipe"] == recipes.Recipe(objective="generation", windows=8, window=128, prompt_docs=2,
                                                         answer=64, rows=4, exclude=(0,), deepest=4,
                                                         low_keep_ratio=1 / 12).to_dict()
         at_02 = closest_round(plan, 0.2)
