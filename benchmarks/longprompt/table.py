@@ -20,6 +20,11 @@ def _ppl(nll: list[float]) -> float:
     return math.exp(sum(nll) / len(nll)) if nll else float("nan")
 
 
+def _ppl_text(value: float) -> str:
+    """A perplexity for the table: two decimals, or two significant digits above 10,000 (``2.0e6``)."""
+    return f"{value:.2f}" if value < 1e4 else f"{value:.1e}".replace("e+0", "e").replace("e+", "e")
+
+
 def _hits(row: dict[str, Any], task: str, lengths: list[int]) -> str:
     return " / ".join(f"{row[f'{task}@{n}'][0]}" for n in lengths)
 
@@ -43,4 +48,4 @@ def print_table(results: dict[str, Any]) -> None:
             speed = f"{row['prefill_speedup']:.2f}× ({row['flops_ideal_2048']:.2f}×)"
         sparsity = "-" if row["method"] == "dense" else f"{row['sparsity']:.1f}"
         print(f"| {NAMES.get(row['method'], row['method'])} | {sparsity} | {_hits(row, 'passkey', lengths)} | "
-              f"{_hits(row, 'qa', lengths)} | {nt:.2f}{ratio} | {chat} | {row['window_ppl']:.2f} | {speed} |")
+              f"{_hits(row, 'qa', lengths)} | {nt:.2f}{ratio} | {chat} | {_ppl_text(row['window_ppl'])} | {speed} |")

@@ -1,4 +1,4 @@
-"""benchmarks.longprompt: the long-prompt task builders (pass key, long-document QA, probes)."""
+"""benchmarks.longprompt: the long-prompt task builders (pass key, long-document QA, probes) and the table."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import pytest
 
 from benchmarks import embedded
 from benchmarks.longprompt import tasks
+from benchmarks.longprompt.table import _ppl_text
 
 FILLER = (
     "The river rises in the hills above the town. It flows south through farmland and small villages. "
@@ -83,3 +84,9 @@ def test_probe_lengths_are_log_uniform_within_the_range():
     low = sum(n < 256 for n in lengths) / len(lengths)
     assert 0.4 < low < 0.6, "half the probes below the geometric middle (256)"
     assert tasks.probe_lengths(16, 4096, 400, seed=1) == lengths
+
+
+def test_table_writes_huge_perplexities_with_two_significant_digits():
+    assert _ppl_text(15.014) == "15.01" and _ppl_text(9999.994) == "9999.99"
+    assert _ppl_text(2037832.55) == "2.0e6" and _ppl_text(253949922.24) == "2.5e8"
+    assert _ppl_text(3.2e12) == "3.2e12"
