@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections.abc import Iterator, Sequence
+from os import PathLike
 from typing import Any
 
 from torch import nn
@@ -52,7 +53,8 @@ def _make_plan(
         raise TypeError(f"cache must be True or False, got {cache!r}")
     if plan is not None:
         if not isinstance(plan, Plan):
-            raise TypeError(f"plan must be an orthorank.Plan, got {type(plan).__name__}")
+            hint = " (load a saved plan with orthorank.Plan.load(path, model=model))" if isinstance(plan, (str, PathLike)) else ""
+            raise TypeError(f"plan must be an orthorank.Plan, got {type(plan).__name__}{hint}")
         plan.check_model(num_layers, model_type)
         return plan
     if layers is not None:

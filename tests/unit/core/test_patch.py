@@ -173,6 +173,7 @@ def test_patch_leaves_weights_state_dict_config_and_saved_files_untouched(tmp_pa
         ({"layers": [1], "decode": "sparse"}, ValueError, "'dense', 'bypass'"),
         ({"plan": layers_plan(12, [3])}, ValueError, "12 layers"),
         ({"plan": [1.0] * 6}, TypeError, "Plan"),
+        ({"plan": "my-plan.json"}, TypeError, "orthorank.Plan.load(path, model=model)"),
     ],
 )
 def test_bad_input_raises_clearly(kwargs, error, words):
