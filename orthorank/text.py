@@ -99,6 +99,9 @@ def token_windows(
     available = len(ids) // window
     if available == 0 or (n_windows is not None and available < n_windows):
         want = n_windows if n_windows is not None else 1
-        raise ValueError(f"not enough text: {len(ids)} tokens make {available} window(s) of {window}, need {want}")
+        raise ValueError(
+            f"not enough text: {len(ids)} tokens make {available} window(s) of {window}, need {want}; "
+            "give more text, or fewer or shorter windows"
+        )
     count = available if n_windows is None else n_windows
     return torch.tensor(ids[: count * window], dtype=torch.long).view(count, window)

@@ -112,6 +112,12 @@ def test_calibrate_on_texts_with_a_tokenizer():
     assert plan.sparsity == pytest.approx(0.1, abs=1 / 18)  # the closest the default levels reach
 
 
+def test_calibrate_refuses_one_string_for_a_list_of_documents():
+    text = " ".join(f"w{3 + j % 90}" for j in range(400))  # enough for 4 windows of 16 if it were read as one
+    with pytest.raises(TypeError, match=r"not a single string: pass \[text\]"):
+        calibrate(tiny_model(layers=4), tiny_tokenizer(), text, sparsity=0.2, window=16, n_windows=4, progress=False)
+
+
 @pytest.mark.parametrize(
     "kwargs, error, match",
     [
