@@ -53,7 +53,9 @@ def _make_plan(
         raise TypeError(f"cache must be True or False, got {cache!r}")
     if plan is not None:
         if not isinstance(plan, Plan):
-            hint = " (load a saved plan with orthorank.Plan.load(path, model=model))" if isinstance(plan, (str, PathLike)) else ""
+            hint = ""
+            if isinstance(plan, (str, PathLike)):
+                hint = " (load a saved plan with orthorank.Plan.load(path, model=model))"
             raise TypeError(f"plan must be an orthorank.Plan, got {type(plan).__name__}{hint}")
         plan.check_model(num_layers, model_type)
         return plan

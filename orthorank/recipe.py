@@ -26,12 +26,14 @@ __all__ = ["GENERATION_RECIPE", "RECIPE", "Recipe", "check_positive_int", "check
 
 
 def check_positive_int(name: str, value: object) -> int:
+    """``value`` if it is an int >= 1 (not a bool), else a ValueError naming ``name``."""
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"{name} must be a positive int, got {value!r}")
     return value
 
 
 def check_temperature(value: object) -> float:
+    """A sampling temperature as a float: a finite number > 0, else a ValueError."""
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
         raise ValueError(f"temperature must be a positive finite number, got {value!r}")
     return float(value)
@@ -39,7 +41,7 @@ def check_temperature(value: object) -> float:
 
 @dataclass(frozen=True)
 class Recipe:
-    """How :func:`auto_calibrate` makes a plan.
+    """How :func:`orthorank.selfcalib.auto_calibrate` makes a plan.
 
     Attributes:
         windows: number of generated windows.
