@@ -535,8 +535,8 @@ def test_embedded_model_ships_generation_and_perplexity_plans():
         assert len(generation) == 1 and generation[0]["sparsity"] == 0.4
         plan = generation[0]["plan"]
         assert plan.meta["recipe"] == recipes.Recipe(objective="generation", windows=8, window=128, prompt_docs=2,
-                                                        answer=64, rows=4, exclude=(0,), deepest=4,
-                                                        low_keep_ratio=1 / 12).to_dict()
+                                                     answer=64, rows=4, exclude=(0,), deepest=4,
+                                                     low_keep_ratio=1 / 12).to_dict()
         at_02 = closest_round(plan, 0.2)
         assert at_02.sparsity == pytest.approx(0.2, abs=0.005)
         assert min(at_02.selection_layers) >= 20  # grown from the end
