@@ -11,6 +11,10 @@ output is deterministic: the texts come in a fixed order and the random choices 
   word to predict (the final full stop removed); the word is alphabetic and at least 4 letters.
 * ``wiki_mc.jsonl``: ``{"context", "choices", "label"}``: an extract's first sentence, and its real
   second sentence among three second sentences of other extracts.
+* ``longprompt.jsonl``: ``{"task", "length", "prompt", "answer"}``: the long-prompt benchmark's
+  pass-key and long-document question prompts (:mod:`benchmarks.longprompt.tasks`, wiki filler
+  only), :data:`N_LONG` per task at each of :data:`LONG_LENGTHS` tokens of the embedded model's
+  tokenizer, with a prompt seed the README table does not use (:data:`LONG_SEED`).
 """
 
 from __future__ import annotations
@@ -19,13 +23,18 @@ import json
 import random
 import re
 from pathlib import Path
+from typing import Any
 
-from benchmarks.embedded import wiki_texts
+from benchmarks.embedded import default_model_dir, wiki_texts
+from benchmarks.longprompt import tasks as longprompt_tasks
 
 N_PPL = 150
 N_CLOZE = 300
 N_MC = 300
 SEED = 0
+N_LONG = 16
+LONG_LENGTHS = (1024, 2048)
+LONG_SEED = 100
 OUT = Path(__file__).resolve().parent / "data"
 
 _SENTENCE_END = re.compile(r"(?<=[a-z]{2}[.!?])\s+(?=[A-Z])")
@@ -85,9 +94,27 @@ def build(texts: list[str]) -> dict[str, list[dict]]:
     return {"wiki_ppl": ppl, "wiki_cloze": cloze, "wiki_mc": mc}
 
 
+def long_prompts(tokenizer: Any, texts: list[str]) -> list[dict]:
+    """The pass-key and question prompts of ``longprompt.jsonl`` as text (wiki filler only: the data
+    stays under the extracts' licence)."""
+    filler = {"wiki": longprompt_tasks.prose_stream(tokenizer, texts[:400])}
+    rows = []
+    for length in LONG_LENGTHS:
+        for build_prompts in (longprompt_tasks.passkey_prompts, longprompt_tasks.qa_prompts):
+            for prompt in build_prompts(tokenizer, filler, length, N_LONG, seed=LONG_SEED):
+                rows.append({"task": prompt.task, "length": length, "prompt": tokenizer.decode(list(prompt.ids)),
+                             "answer": prompt.answer})
+    return rows
+
+
 def main() -> None:
+    from transformers import AutoTokenizer
+
     OUT.mkdir(exist_ok=True)
-    for name, rows in build(wiki_texts("eval")).items():
+    texts = list(wiki_texts("eval"))
+    built = build(texts)
+    built["longprompt"] = long_prompts(AutoTokenizer.from_pretrained(default_model_dir()), texts)
+    for name, rows in built.items():
         path = OUT / f"{name}.jsonl"
         path.write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows), encoding="utf-8")
         print(f"{path}: {len(rows)} rows, {path.stat().st_size / 1024:.0f} KiB")

@@ -17,9 +17,14 @@ import datasets
 DATA = Path(__file__).resolve().parent / "data"
 
 
-def load(data_file: str, split: str = "test", **_: Any) -> datasets.DatasetDict:
-    """``{split: Dataset}`` of the JSONL file ``data/<data_file>``."""
+def load(data_file: str, split: str = "test", only_task: str | None = None, **_: Any) -> datasets.DatasetDict:
+    """``{split: Dataset}`` of the JSONL file ``data/<data_file>`` (with ``only_task``, its rows whose
+    ``"task"`` is that)."""
     path = DATA / data_file
     with path.open(encoding="utf-8") as fh:
         rows = [json.loads(line) for line in fh if line.strip()]
+    if only_task is not None:
+        rows = [row for row in rows if row.get("task") == only_task]
+        if not rows:
+            raise ValueError(f"{path} has no rows of task {only_task!r}")
     return datasets.DatasetDict({split: datasets.Dataset.from_list(rows)})

@@ -22,6 +22,7 @@ import lm_eval.evaluator  # noqa: E402
 from lm_eval.api.instance import Instance  # noqa: E402
 from lm_eval.models.huggingface import HFLM  # noqa: E402
 from lm_eval.tasks import TaskManager  # noqa: E402
+from transformers import AutoTokenizer  # noqa: E402
 
 import orthorank  # noqa: E402
 from benchmarks import embedded  # noqa: E402
@@ -287,6 +288,19 @@ def test_shipped_tasks_load_from_any_directory(tmp_path: Path, monkeypatch: pyte
     assert sum(p.stat().st_size for p in (SHIPPED_TASKS / "data").iterdir()) < 1_000_000
 
 
+def test_shipped_long_prompt_tasks_load_and_ask_what_they_hide(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    tasks = TaskManager(include_path=str(SHIPPED_TASKS), include_defaults=False).load(["orthorank_longprompt"])
+    found = {name: list(task.test_docs()) for name, task in tasks["tasks"].items()}
+    assert {k: len(v) for k, v in found.items()} == {"orthorank_passkey": 32, "orthorank_docqa": 32}
+    for doc in found["orthorank_passkey"]:
+        assert doc["answer"].isdigit() and doc["prompt"].count(doc["answer"]) == 2  # "... is K. Remember it. K is ..."
+        assert doc["prompt"].endswith("What is the pass key? The pass key is")
+    for doc in found["orthorank_docqa"]:
+        assert doc["answer"].isalpha() and doc["answer"] in doc["prompt"] and "\nAnswer: " in doc["prompt"]
+    assert {doc["length"] for docs in found.values() for doc in docs} == {1024, 2048}
+
+
 def test_shipped_data_is_what_the_build_script_makes() -> None:
     try:
         texts = embedded.wiki_texts("eval")
@@ -296,6 +310,8 @@ def test_shipped_data_is_what_the_build_script_makes() -> None:
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     built = module.build(texts)
+    if (embedded.default_model_dir() / "tokenizer.json").is_file():
+        built["longprompt"] = module.long_prompts(AutoTokenizer.from_pretrained(embedded.default_model_dir()), list(texts))
     for name, rows in built.items():
         shipped = (SHIPPED_TASKS / "data" / f"{name}.jsonl").read_text(encoding="utf-8").splitlines()
         assert [json.loads(line) for line in shipped] == rows
