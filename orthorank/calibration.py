@@ -66,12 +66,9 @@ def calibration_ids(
     """``[n, seq]`` token ids: ``texts_or_ids`` itself if it is a tensor, else windows cut from texts."""
     if isinstance(texts_or_ids, torch.Tensor):
         return texts_or_ids
-    if isinstance(texts_or_ids, (str, bytes)):
-        raise TypeError("texts_or_ids must be documents (a list of strings) or token ids [n, seq] as a LongTensor, "
-                        "not a single string: pass [text]")
     if tokenizer is None:
         raise TypeError("calibrating on texts needs a tokenizer; pass one, or token ids [n, seq] as a LongTensor")
-    return token_windows(tokenizer, list(texts_or_ids), window, n_windows)
+    return token_windows(tokenizer, texts_or_ids, window, n_windows)
 
 
 def calibrate(

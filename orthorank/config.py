@@ -68,6 +68,13 @@ OBJECTIVE_DEFAULTS: dict[str, tuple[str, int, int]] = {
 DEFAULT_SPARSITY: float = 0.2
 
 
+def check_positive_int(name: str, value: object) -> int:
+    """``value`` if it is an int >= 1 (not a bool), else a ValueError naming ``name``."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+    return value
+
+
 def check_fraction(name: str, value: object, *, low_open: bool = False, high_open: bool = False) -> float:
     """Return ``value`` as a float in [0, 1] (ends excluded on request) or raise a ValueError/TypeError."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from .config import tokens_to_keep
+from .config import check_positive_int, tokens_to_keep
 
 
 class PlanLike(Protocol):
@@ -80,8 +80,7 @@ def flops_fraction(plan: PlanLike, config: Any, seq_len: int, *, include_head: b
     ``include_head`` the dense total includes the output embedding (the LM head), which no plan
     skips.
     """
-    if isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len < 1:
-        raise ValueError(f"seq_len must be a positive int, got {seq_len!r}")
+    check_positive_int("seq_len", seq_len)
     c = LayerCosts.from_config(config)
     if c.num_layers != plan.num_layers:
         raise ValueError(f"the plan has {plan.num_layers} layers but the config has {c.num_layers}")
@@ -113,8 +112,7 @@ def prefill_flops(config: Any, plan: PlanLike | None, seq: int, logits_tokens: i
         keep_min: the patch's floor of updated tokens (``PatchOptions.keep_min``; it matters only
             when ``seq < keep_min / r``).
     """
-    if isinstance(seq, bool) or not isinstance(seq, int) or seq < 1:
-        raise ValueError(f"seq must be a positive int, got {seq!r}")
+    check_positive_int("seq", seq)
     c = LayerCosts.from_config(config)
     dense_attention = c.attention_per_key * seq * (seq + 1) / 2
     total = 0.0

@@ -10,6 +10,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from . import compat
+from .config import check_positive_int
 
 logger = logging.getLogger(__name__)
 
@@ -26,9 +27,7 @@ def check_ids(ids: object, name: str = "ids") -> torch.Tensor:
 
 
 def check_batch_size(batch_size: object) -> int:
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
-    return batch_size
+    return check_positive_int("batch_size", batch_size)
 
 
 def token_nll(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:

@@ -17,19 +17,12 @@ from typing import Any
 
 import torch
 
-from .config import OBJECTIVES, check_choice, check_fraction
+from .config import OBJECTIVES, check_choice, check_fraction, check_positive_int
 from .metrics import check_batch_size
 from .objective import generation_windows
 from .search import SearchConfig
 
-__all__ = ["GENERATION_RECIPE", "RECIPE", "Recipe", "check_positive_int", "check_temperature", "recipe_for"]
-
-
-def check_positive_int(name: str, value: object) -> int:
-    """``value`` if it is an int >= 1 (not a bool), else a ValueError naming ``name``."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
-    return value
+__all__ = ["GENERATION_RECIPE", "RECIPE", "Recipe", "check_temperature", "recipe_for"]
 
 
 def check_temperature(value: object) -> float:

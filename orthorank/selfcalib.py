@@ -18,12 +18,12 @@ from tqdm.auto import tqdm
 from transformers import DynamicCache
 
 from . import compat
-from .config import SELECTORS, check_choice, check_fraction
+from .config import SELECTORS, check_choice, check_fraction, check_positive_int
 from .install import running_dense
 from .metrics import check_batch_size
 from .objective import generation_windows
 from .plan import Plan
-from .recipe import Recipe, check_positive_int, check_temperature, recipe_for
+from .recipe import Recipe, check_temperature, recipe_for
 from .runner import LossRunner
 from .search import SearchConfig, search_plan
 

@@ -12,6 +12,8 @@ from typing import Any
 import torch
 from transformers import PreTrainedTokenizerBase
 
+from .config import check_positive_int
+
 logger = logging.getLogger(__name__)
 
 _TEXT_SUFFIXES = (".txt", ".json", ".jsonl")
@@ -79,12 +81,11 @@ def token_windows(
     Raises:
         ValueError: bad sizes, or not enough text for ``n_windows`` (or for a single window).
     """
-    if isinstance(window, bool) or not isinstance(window, int) or window < 1:
-        raise ValueError(f"window must be a positive int, got {window!r}")
+    check_positive_int("window", window)
     if n_windows is not None and (isinstance(n_windows, bool) or not isinstance(n_windows, int) or n_windows < 1):
         raise ValueError(f"n_windows must be a positive int or None, got {n_windows!r}")
     if isinstance(texts, str):
-        raise TypeError("texts must be an iterable of strings, not a single string")
+        raise TypeError("texts must be an iterable of strings (documents), not a single string: pass [text]")
     needed = None if n_windows is None else window * n_windows
     ids: list[int] = []
     first = True

@@ -60,7 +60,7 @@ def install(model: torch.nn.Module, method: str, sparsity: float) -> None:
 def fillers(tokenizer: Any) -> dict[str, list[int]]:
     """Filler prose: Wikipedia evaluation extracts and English prose from outside the wiki data."""
     return {
-        "wiki": tasks.prose_stream(tokenizer, list(wiki_texts("eval"))[:400]),
+        "wiki": tasks.wiki_filler(tokenizer, wiki_texts("eval")),
         "outside": tasks.prose_stream(tokenizer, [tasks.read_prose(f) for f in tasks.OUTSIDE_FILES]),
     }
 

@@ -83,6 +83,15 @@ def prose_stream(tokenizer: Any, texts: Sequence[str]) -> list[int]:
     return list(tokenizer("\n\n".join(texts), add_special_tokens=False)["input_ids"])
 
 
+#: The Wikipedia filler is the first this many evaluation extracts.
+WIKI_FILLER_DOCS = 400
+
+
+def wiki_filler(tokenizer: Any, wiki: Sequence[str]) -> list[int]:
+    """Token ids of the Wikipedia filler: the first :data:`WIKI_FILLER_DOCS` extracts of ``wiki``."""
+    return prose_stream(tokenizer, list(wiki)[:WIKI_FILLER_DOCS])
+
+
 def _encode(tokenizer: Any, text: str) -> list[int]:
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 

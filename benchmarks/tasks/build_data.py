@@ -97,7 +97,7 @@ def build(texts: list[str]) -> dict[str, list[dict]]:
 def long_prompts(tokenizer: Any, texts: list[str]) -> list[dict]:
     """The pass-key and question prompts of ``longprompt.jsonl`` as text (wiki filler only: the data
     stays under the extracts' licence)."""
-    filler = {"wiki": longprompt_tasks.prose_stream(tokenizer, texts[:400])}
+    filler = {"wiki": longprompt_tasks.wiki_filler(tokenizer, texts)}
     rows = []
     for length in LONG_LENGTHS:
         for build_prompts in (longprompt_tasks.passkey_prompts, longprompt_tasks.qa_prompts):

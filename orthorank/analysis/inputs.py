@@ -18,6 +18,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .. import compat
+from ..config import check_positive_int
 
 logger = logging.getLogger(__name__)
 
@@ -76,8 +77,7 @@ def make_batches(
         Batches ``[<=batch_size, seq]``. Texts are grouped longest first, so that rows of similar
         length share a batch and little padding is computed; a token tensor keeps its order.
     """
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+    check_positive_int("batch_size", batch_size)
     if isinstance(inputs, torch.Tensor):
         if inputs.dim() != 2 or inputs.dtype != torch.long or inputs.shape[1] < 2:
             raise ValueError("a token tensor must be a LongTensor [n, seq] with seq >= 2")

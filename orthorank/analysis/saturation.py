@@ -20,6 +20,7 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
+from ..config import check_positive_int
 from .inputs import (
     Batch, candidate_mask, decoder_layers, final_norm_and_head, iter_progress, make_batches, model_device, sink_index,
 )
@@ -138,8 +139,7 @@ def collect_saturation(
 ) -> tuple[torch.LongTensor, float]:
     """Saturation layers ``[tokens, top_k]`` of all real non-sink tokens, and the fraction of them
     whose last-layer lens top-1 equals the model's own top-1 (a check of the lens; expected 1.0)."""
-    if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
-        raise ValueError(f"top_k must be a positive int, got {top_k!r}")
+    check_positive_int("top_k", top_k)
     layers = decoder_layers(model)
     norm, head = final_norm_and_head(model)
     if top_k > head.weight.shape[0]:
